@@ -1,0 +1,3 @@
+from pixelmill.cli import app
+
+app(prog_name="pixelmill")

@@ -1,0 +1,177 @@
+"""The ``pixelmill`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from pixelmill.config import Settings
+
+app = typer.Typer(
+    help="Turn a CSV of products and image URLs into processed images, at any scale.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+console = Console(stderr=True)
+
+HostOption = Annotated[str, typer.Option(help="Address to listen on.")]
+ServerOption = Annotated[
+    str | None,
+    typer.Option("--server", help="Base URL of the pixelmill API (default: PIXELMILL_PUBLIC_URL)."),
+]
+ApiKeyOption = Annotated[
+    str | None, typer.Option("--api-key", envvar="PIXELMILL_API_KEY", help="API key to send.")
+]
+
+
+def _logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except Exception as exc:
+        console.print(f"[red]invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _run_server(settings: Settings, host: str, port: int, **app_options: bool) -> None:
+    import uvicorn
+
+    from pixelmill.api.app import create_app
+
+    application = create_app(settings, **app_options)
+    uvicorn.run(application, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
+
+
+def _public_url(host: str, port: int) -> str | None:
+    """The default public URL follows --host/--port unless PIXELMILL_PUBLIC_URL is set."""
+    import os
+
+    if os.environ.get("PIXELMILL_PUBLIC_URL"):
+        return None
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{shown}:{port}"
+
+
+@app.command()
+def serve(host: HostOption = "127.0.0.1", port: Annotated[int, typer.Option()] = 8000) -> None:
+    """All in one: API, worker and inline imaging on the embedded defaults."""
+    _logging()
+    settings = _settings(public_url=_public_url(host, port))
+    # The shipped sample photos are the one private-address source allowed by default.
+    settings.trusted_source_prefixes = [*settings.trusted_source_prefixes, settings.samples_prefix]
+    _run_server(settings, host, port, run_worker=True, migrate=True, samples=True)
+
+
+@app.command()
+def api(host: HostOption = "127.0.0.1", port: Annotated[int, typer.Option()] = 8000) -> None:
+    """The HTTP API alone (workers run apart with ``pixelmill worker``)."""
+    _logging()
+    _run_server(_settings(public_url=_public_url(host, port)), host, port, migrate=True)
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[
+        int | None, typer.Option(help="Images processed at once (PIXELMILL_WORKER_CONCURRENCY).")
+    ] = None,
+) -> None:
+    """A long-running worker: takes tasks from the queue until SIGTERM or SIGINT."""
+    _logging()
+    settings = _settings(worker_concurrency=concurrency)
+    asyncio.run(_run_worker(settings))
+
+
+async def _run_worker(settings: Settings) -> None:
+    from pixelmill.runtime import Runtime
+
+    runtime = await Runtime.open(settings)
+    worker = runtime.start_worker()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    logging.getLogger("pixelmill").info("worker started")
+    await runtime.close_when_stopped()
+
+
+@app.command()
+def process(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="The input CSV.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Folder for output.csv and images/.")],
+    quality: Annotated[int, typer.Option(min=1, max=100)] = 50,
+    max_width: Annotated[int | None, typer.Option(min=1)] = None,
+    max_height: Annotated[int | None, typer.Option(min=1)] = None,
+    image_format: Annotated[str, typer.Option("--format")] = "keep",
+) -> None:
+    """One shot, no server: the whole pipeline in this process, results in OUT."""
+    from pixelmill.oneshot import run_oneshot
+
+    _logging("WARNING")
+    settings = _settings()
+    code = asyncio.run(
+        run_oneshot(settings, file, out, console, quality, max_width, max_height, image_format)
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
+def submit(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
+    wait: Annotated[bool, typer.Option("--wait", help="Follow progress until finished.")] = False,
+    webhook: Annotated[str | None, typer.Option("--webhook", help="URL called when done.")] = None,
+    server: ServerOption = None,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Upload a CSV to a running pixelmill and print its request id."""
+    from pixelmill.client import ApiClient
+
+    client = ApiClient(server or _settings().public_url, api_key, console)
+    request_id = client.submit(file, webhook)
+    print(request_id)
+    if wait:
+        raise typer.Exit(client.follow(request_id))
+
+
+@app.command()
+def status(request_id: str, server: ServerOption = None, api_key: ApiKeyOption = None) -> None:
+    """Print the status of a request as JSON."""
+    from pixelmill.client import ApiClient
+
+    ApiClient(server or _settings().public_url, api_key, console).print_status(request_id)
+
+
+@app.command()
+def result(
+    request_id: str,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write to this file.")
+    ] = None,
+    server: ServerOption = None,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Download the output CSV of a finished request (stdout, or -o FILE)."""
+    from pixelmill.client import ApiClient
+
+    ApiClient(server or _settings().public_url, api_key, console).download_result(
+        request_id, output
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the database migrations to PIXELMILL_DATABASE_URL."""
+    from pixelmill.db.migrate import upgrade
+
+    settings = _settings()
+    upgrade(settings.database_url)
+    console.print("database is up to date")

@@ -1,0 +1,85 @@
+"""Settings, read from ``PIXELMILL_*`` environment variables and validated when built.
+
+Nothing here runs at import time: every process builds its own :class:`Settings`.
+Backends are named by URL; the scheme of each URL picks the implementation.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_list(value: object) -> object:
+    """Accept a comma- or space-separated string where a list is expected."""
+    if isinstance(value, str):
+        return [part for part in value.replace(",", " ").split() if part]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of pixelmill, with the embedded defaults of DESIGN.md."""
+
+    model_config = SettingsConfigDict(env_prefix="PIXELMILL_", extra="ignore")
+
+    data_dir: Path = Path("./pixelmill-data")
+    database_url: str = ""
+    queue_url: str = "db://"
+    imaging_url: str = "inline://"
+    storage_url: str = ""
+    public_url: str = "http://127.0.0.1:8000"
+
+    allow_private_urls: bool = False
+    trusted_source_prefixes: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    webhook_secret: str = ""
+
+    # CSV ingestion
+    max_upload_bytes: int = 1024**3
+    max_rows: int = 5_000_000
+    max_urls_per_row: int = 50
+    task_max_images: int = Field(default=64, ge=1)
+    ingest_batch_rows: int = Field(default=2000, ge=1)
+
+    # Worker
+    worker_concurrency: int = Field(default=16, ge=1)
+    worker_tasks_in_flight: int = Field(default=4, ge=1)
+    lease_seconds: float = Field(default=60.0, gt=0)
+    poll_interval: float = Field(default=0.5, gt=0)
+    image_attempts: int = Field(default=4, ge=1)
+    retry_backoff_seconds: float = Field(default=0.5, ge=0)
+    shutdown_grace_seconds: float = Field(default=20.0, ge=0)
+
+    # Imaging
+    imaging_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    fetch_max_bytes: int = 50 * 1024 * 1024
+    fetch_max_redirects: int = 5
+    fetch_connect_timeout: float = 10.0
+    fetch_read_timeout: float = 20.0
+    fetch_total_timeout: float = 60.0
+    max_pixels: int = 50_000_000
+    user_agent: str = "pixelmill/0.1 (+https://github.com/pixelmill/pixelmill)"
+    min_output_quality: int = Field(default=10, ge=1, le=100)
+
+    @field_validator("trusted_source_prefixes", "api_keys", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _split_list(value)
+
+    @model_validator(mode="after")
+    def _derive_defaults(self) -> Settings:
+        self.public_url = self.public_url.rstrip("/")
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'pixelmill.db').resolve()}"
+        if not self.storage_url:
+            self.storage_url = f"file://{(self.data_dir / 'files').resolve()}"
+        return self
+
+    @property
+    def samples_prefix(self) -> str:
+        """The URL prefix under which ``serve`` exposes the shipped sample photos."""
+        return f"{self.public_url}/samples/"

@@ -1,0 +1,315 @@
+"""Streaming CSV reading with validation, and output CSV writing.
+
+The reader never holds more than one record in memory; every problem it finds names
+the physical line of the file, the column and the offending value. See
+docs/csv-format.md for the rules.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+from urllib.parse import urlsplit
+
+SERIAL_NUMBER = "serial_number"
+PRODUCT_NAME = "product_name"
+INPUT_URLS = "input_image_urls"
+OUTPUT_URLS_HEADER = "Output Image Urls"
+
+# Header names are compared after lower-casing and dropping everything but letters/digits.
+_HEADER_ALIASES = {
+    SERIAL_NUMBER: {"sno", "serialnumber", "serialno", "srno", "sn"},
+    PRODUCT_NAME: {"productname"},
+    INPUT_URLS: {"inputimageurls", "inputimageurl", "imageurls"},
+}
+_HEADER_LABELS = {
+    SERIAL_NUMBER: "S. No.",
+    PRODUCT_NAME: "Product Name",
+    INPUT_URLS: "Input Image Urls",
+}
+MAX_URL_LENGTH = 2048
+MAX_PROBLEMS = 100
+_VALUE_PREVIEW = 80
+_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+_NOT_TEXT_MAGIC = {
+    b"PK\x03\x04": "a ZIP archive (an .xlsx or .ods workbook?)",
+    b"\xd0\xcf\x11\xe0": "an Excel 97-2003 workbook",
+    b"%PDF": "a PDF document",
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"\x1f\x8b": "a gzip archive",
+}
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+_EXPORT_HINT = "export the sheet as 'CSV UTF-8 (comma delimited)'"
+
+
+def normalise_header(name: str) -> str:
+    """``'S. No.'`` -> ``'sno'``: the form in which header names are compared."""
+    return re.sub(r"[^0-9a-z]", "", name.casefold())
+
+
+@dataclass(frozen=True)
+class CsvProblem:
+    """One thing wrong with an uploaded file, and where."""
+
+    line: int | None
+    column: str | None
+    message: str
+    value: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "line": self.line,
+            "column": self.column,
+            "value": self.value,
+            "message": self.message,
+        }
+
+
+class CsvRejected(Exception):
+    """The file cannot be accepted; ``status`` is the HTTP status that says why."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        problems: list[CsvProblem] | None = None,
+        total_problems: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.problems = problems or []
+        self.total_problems = total_problems if total_problems is not None else len(self.problems)
+
+
+@dataclass(frozen=True)
+class CsvLimits:
+    """How much one upload may hold."""
+
+    max_rows: int = 5_000_000
+    max_urls_per_row: int = 50
+
+
+@dataclass
+class ParsedRow:
+    """One product row: its place in the file, its cells and its image URLs."""
+
+    index: int
+    line: int
+    serial_number: str
+    product_name: str
+    cells: list[str]
+    urls: list[str]
+    problems: list[CsvProblem] = field(default_factory=list)
+
+
+def _preview(value: str) -> str:
+    return value if len(value) <= _VALUE_PREVIEW else value[: _VALUE_PREVIEW - 1] + "…"
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be an image source, or None when it is acceptable."""
+    if len(url) > MAX_URL_LENGTH:
+        return f"URL longer than {MAX_URL_LENGTH} characters"
+    if any(ch.isspace() for ch in url):
+        return "URL contains whitespace"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a malformed port
+    except ValueError as exc:
+        return f"malformed URL ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return "not an http(s) URL"
+    if not parts.hostname:
+        return "URL has no host"
+    if parts.username is not None or parts.password is not None:
+        return "URL carries credentials (user:password@); these are refused"
+    del port
+    return None
+
+
+def split_urls(cell: str) -> list[str]:
+    """The URLs of one ``Input Image Urls`` cell: comma-separated, spaces ignored."""
+    return [part.strip() for part in cell.split(",") if part.strip()]
+
+
+def _sniff_binary(head: bytes) -> None:
+    if head.startswith(_UTF16_BOMS):
+        raise CsvRejected(
+            415,
+            "unsupported_encoding",
+            f"the file is UTF-16; pixelmill reads UTF-8 only: {_EXPORT_HINT}",
+        )
+    for magic, what in _NOT_TEXT_MAGIC.items():
+        if head.startswith(magic):
+            raise CsvRejected(415, "not_csv", f"the file is {what}, not CSV text: {_EXPORT_HINT}")
+    if b"\x00" in head:
+        raise CsvRejected(
+            415,
+            "not_csv",
+            f"the file is binary (it contains NUL bytes), not CSV text: {_EXPORT_HINT}",
+        )
+
+
+class CsvReader:
+    """Reads and validates an input CSV from a binary stream, one record at a time."""
+
+    def __init__(self, stream: BinaryIO, limits: CsvLimits | None = None) -> None:
+        self.limits = limits or CsvLimits()
+        buffered = stream if isinstance(stream, io.BufferedReader) else io.BufferedReader(stream)  # type: ignore[type-var]
+        _sniff_binary(buffered.peek(4096)[:4096])
+        self._text = io.TextIOWrapper(buffered, encoding="utf-8-sig", newline="")
+        self._reader = csv.reader(self._text, strict=True)
+        self.header: list[str] = []
+        self.columns: dict[str, int] = {}
+        self._read_header()
+
+    def _next_record(self) -> list[str] | None:
+        try:
+            return next(self._reader)
+        except StopIteration:
+            return None
+        except UnicodeDecodeError as exc:
+            raise CsvRejected(
+                415,
+                "unsupported_encoding",
+                f"the file is not valid UTF-8 near line {self._reader.line_num + 1} "
+                f"({exc.reason}): {_EXPORT_HINT}",
+                [CsvProblem(self._reader.line_num + 1, None, "not valid UTF-8")],
+            ) from None
+        except csv.Error as exc:
+            line = self._reader.line_num
+            raise CsvRejected(
+                422,
+                "invalid_csv",
+                f"line {line}: the file is not well-formed CSV ({exc})",
+                [CsvProblem(line, None, f"malformed CSV: {exc}")],
+            ) from None
+
+    def _read_header(self) -> None:
+        record = self._next_record()
+        while record is not None and not any(cell.strip() for cell in record):
+            record = self._next_record()
+        if record is None:
+            raise CsvRejected(
+                422,
+                "empty_csv",
+                "the file is empty: expected a header with "
+                "'S. No.', 'Product Name' and 'Input Image Urls'",
+                [CsvProblem(1, None, "empty file")],
+            )
+        line = self._reader.line_num
+        self.header = [cell.strip() for cell in record]
+        problems: list[CsvProblem] = []
+        for key, aliases in _HEADER_ALIASES.items():
+            found = [i for i, name in enumerate(self.header) if normalise_header(name) in aliases]
+            label = _HEADER_LABELS[key]
+            if not found:
+                problems.append(CsvProblem(line, label, f"required column {label!r} is missing"))
+            elif len(found) > 1:
+                names = ", ".join(repr(self.header[i]) for i in found)
+                problems.append(
+                    CsvProblem(line, label, f"column {label!r} appears more than once ({names})")
+                )
+            else:
+                self.columns[key] = found[0]
+        if problems:
+            raise CsvRejected(422, "invalid_header", "the header is not valid", problems)
+
+    def rows(self) -> Iterator[ParsedRow]:
+        """Every non-blank row in file order, each with the problems found in it."""
+        index = 0
+        seen_serials: set[str] = set()
+        width = len(self.header)
+        while True:
+            start_line = self._reader.line_num + 1
+            record = self._next_record()
+            if record is None:
+                return
+            if not any(cell.strip() for cell in record):
+                continue
+            if index >= self.limits.max_rows:
+                raise CsvRejected(
+                    413,
+                    "too_many_rows",
+                    f"the file has more than {self.limits.max_rows} rows "
+                    "(PIXELMILL_MAX_ROWS); split it into several uploads",
+                )
+            row = self._parse_row(index, start_line, record, width, seen_serials)
+            index += 1
+            yield row
+
+    def _parse_row(
+        self, index: int, line: int, record: list[str], width: int, seen_serials: set[str]
+    ) -> ParsedRow:
+        problems: list[CsvProblem] = []
+        if len(record) > width:
+            problems.append(
+                CsvProblem(line, None, f"row has {len(record)} cells but the header has {width}")
+            )
+        cells = record + [""] * (width - len(record))
+        serial = cells[self.columns[SERIAL_NUMBER]].strip()
+        name = cells[self.columns[PRODUCT_NAME]].strip()
+        url_cell = cells[self.columns[INPUT_URLS]]
+        if not serial:
+            problems.append(CsvProblem(line, "S. No.", "serial number is empty"))
+        elif not re.fullmatch(r"[+-]?\d+", serial):
+            problems.append(
+                CsvProblem(line, "S. No.", "serial number is not an integer", _preview(serial))
+            )
+        elif serial in seen_serials or str(int(serial)) in seen_serials:
+            problems.append(
+                CsvProblem(line, "S. No.", "serial number is used by an earlier row", serial)
+            )
+        else:
+            seen_serials.add(str(int(serial)))
+        if not name:
+            problems.append(CsvProblem(line, "Product Name", "product name is empty"))
+        urls = split_urls(url_cell)
+        if not urls:
+            problems.append(CsvProblem(line, "Input Image Urls", "no image URL in the row"))
+        elif len(urls) > self.limits.max_urls_per_row:
+            problems.append(
+                CsvProblem(
+                    line,
+                    "Input Image Urls",
+                    f"{len(urls)} URLs in one row; at most {self.limits.max_urls_per_row} "
+                    "(PIXELMILL_MAX_URLS_PER_ROW)",
+                )
+            )
+        for url in urls:
+            reason = url_problem(url)
+            if reason:
+                problems.append(CsvProblem(line, "Input Image Urls", reason, _preview(url)))
+        return ParsedRow(index, line, serial, name, cells, urls, problems)
+
+
+def neutralise_formula(cell: str) -> str:
+    """Make a cell that a spreadsheet would run as a formula inert (OWASP CSV injection)."""
+    if cell.startswith(_FORMULA_PREFIXES):
+        return "'" + cell
+    return cell
+
+
+class OutputCsvWriter:
+    """Writes the output CSV: the input cells, then ``Output Image Urls`` by position.
+
+    A failed image leaves an empty slot, so the n-th output URL always belongs to the
+    n-th input URL.
+    """
+
+    def __init__(self, out: io.TextIOBase, header: list[str]) -> None:
+        self._writer = csv.writer(out, lineterminator="\r\n")
+        self._writer.writerow([neutralise_formula(name) for name in header] + [OUTPUT_URLS_HEADER])
+
+    def write(self, cells: list[str], output_urls: list[str]) -> None:
+        self._writer.writerow([neutralise_formula(c) for c in cells] + [", ".join(output_urls)])

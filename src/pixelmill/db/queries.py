@@ -1,0 +1,89 @@
+"""Read-side queries for the API: requests, their products and images."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Row, func, select, true
+
+from pixelmill.db import tables as t
+from pixelmill.db.engine import Database
+from pixelmill.domain import ImageStatus
+
+
+def _owned(request_id: str, owner: str | None) -> Any:
+    condition = t.requests.c.id == request_id
+    if owner is not None:
+        condition = condition & (t.requests.c.owner == owner)
+    return condition
+
+
+async def get_request(db: Database, request_id: str, owner: str | None) -> Row[Any] | None:
+    """One request with its counters; None when unknown or someone else's."""
+    async with db.read() as conn:
+        return (await conn.execute(select(t.requests).where(_owned(request_id, owner)))).first()
+
+
+async def list_requests(
+    db: Database, owner: str | None, offset: int, limit: int
+) -> tuple[list[Row[Any]], int]:
+    """A page of the caller's requests, newest first, and how many there are."""
+    condition = (t.requests.c.owner == owner) if owner is not None else true()
+    async with db.read() as conn:
+        total = (
+            await conn.execute(select(func.count()).select_from(t.requests).where(condition))
+        ).scalar_one()
+        rows = (
+            await conn.execute(
+                select(t.requests)
+                .where(condition)
+                .order_by(t.requests.c.created_at.desc(), t.requests.c.id)
+                .offset(offset)
+                .limit(limit)
+            )
+        ).all()
+    return list(rows), total
+
+
+def product_status(statuses: list[str]) -> str:
+    """A product row's status, derived from its images'."""
+    if all(s == ImageStatus.PENDING for s in statuses):
+        return ImageStatus.PENDING.value
+    if not all(ImageStatus(s).terminal for s in statuses):
+        return ImageStatus.PROCESSING.value
+    if any(s == ImageStatus.COMPLETED for s in statuses):
+        return ImageStatus.COMPLETED.value
+    return ImageStatus.FAILED.value
+
+
+async def list_products(
+    db: Database, request_id: str, offset: int, limit: int
+) -> list[tuple[Row[Any], list[Row[Any]]]]:
+    """A page of a request's products in input order, each with its images."""
+    async with db.read() as conn:
+        products = (
+            await conn.execute(
+                select(t.products)
+                .where(
+                    (t.products.c.request_id == request_id)
+                    & (t.products.c.row_index >= offset)
+                    & (t.products.c.row_index < offset + limit)
+                )
+                .order_by(t.products.c.row_index)
+            )
+        ).all()
+        images = (
+            await conn.execute(
+                select(t.images)
+                .where(
+                    (t.images.c.request_id == request_id)
+                    & (t.images.c.row_index >= offset)
+                    & (t.images.c.row_index < offset + limit)
+                )
+                .order_by(t.images.c.row_index, t.images.c.position)
+            )
+        ).all()
+    by_row: dict[int, list[Row[Any]]] = {}
+    for image in images:
+        by_row.setdefault(image.row_index, []).append(image)
+    return [(product, by_row.get(product.row_index, [])) for product in products]

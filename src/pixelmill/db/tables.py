@@ -1,0 +1,116 @@
+"""The tables of pixelmill (SQLAlchemy Core), the same for SQLite and PostgreSQL.
+
+The Alembic migrations in ``migrations/versions`` create exactly these; a test checks
+that the two agree.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL wants BIGINT at scale.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+requests = Table(
+    "requests",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("owner", String(64), nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("options", JSON, nullable=False),
+    Column("header", JSON, nullable=False),
+    Column("webhook_url", Text, nullable=True),
+    Column("products", Integer, nullable=False),
+    # Image counters, moved in the same transaction as the images they count, so a
+    # status call reads one row whatever the size of the request.
+    Column("total", Integer, nullable=False),
+    Column("pending", Integer, nullable=False),
+    Column("processing", Integer, nullable=False),
+    Column("completed", Integer, nullable=False),
+    Column("failed", Integer, nullable=False),
+    Column("output_key", Text, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+)
+Index("ix_requests_owner_created", requests.c.owner, requests.c.created_at)
+
+products = Table(
+    "products",
+    metadata,
+    Column("request_id", String(32), primary_key=True),
+    Column("row_index", Integer, primary_key=True),
+    Column("line", Integer, nullable=False),
+    Column("serial_number", Text, nullable=False),
+    Column("product_name", Text, nullable=False),
+    Column("cells", JSON, nullable=False),
+)
+
+images = Table(
+    "images",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("request_id", String(32), nullable=False),
+    Column("row_index", Integer, nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("input_url", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("output_key", Text, nullable=True),
+    Column("output_url", Text, nullable=True),
+    Column("error_code", String(32), nullable=True),
+    Column("error_message", Text, nullable=True),
+    Column("bytes_in", BigInteger, nullable=True),
+    Column("bytes_out", BigInteger, nullable=True),
+    Column("width", Integer, nullable=True),
+    Column("height", Integer, nullable=True),
+    Column("format", String(8), nullable=True),
+    Column("source_quality", Integer, nullable=True),
+    Column("output_quality", Integer, nullable=True),
+    Column("kept_source", Boolean, nullable=True),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    UniqueConstraint("request_id", "row_index", "position", name="uq_images_position"),
+)
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("request_id", String(32), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("first_row", Integer, nullable=False),
+    Column("last_row", Integer, nullable=False),
+    Column("image_count", Integer, nullable=False),
+    # queued -> leased -> done | dead; a leased task whose lease ran out is taken again.
+    Column("state", String(16), nullable=False),
+    Column("priority", Integer, nullable=False),  # lower first: finalising beats new work
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("available_at", Float, nullable=False),
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_expires_at", Float, nullable=True),
+    # Transactional outbox for external queues: set once the task is published.
+    Column("published_at", Float, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("request_id", "kind", "seq", name="uq_tasks_request_kind_seq"),
+)
+Index("ix_tasks_claim", tasks.c.state, tasks.c.priority, tasks.c.id)
+Index("ix_tasks_unpublished", tasks.c.published_at)

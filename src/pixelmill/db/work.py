@@ -1,0 +1,284 @@
+"""What workers read and write: a task's images, their results, and the finish.
+
+Every status move is a conditional UPDATE on the current status, and the request's
+counters move in the same transaction by exactly the number of rows that moved, so a
+redelivered task or a racing worker can never count an image twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import case, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from pixelmill.db import tables as t
+from pixelmill.db.clock import utcnow
+from pixelmill.db.engine import Database
+from pixelmill.domain import (
+    ImageFailure,
+    ImageOutcome,
+    ImageRecord,
+    ImageStatus,
+    ProcessedImage,
+    ProcessingOptions,
+    RequestStatus,
+    TaskKind,
+)
+
+FINALIZE_PRIORITY = 0
+_OPEN = (ImageStatus.PENDING.value, ImageStatus.PROCESSING.value)
+_UNFINISHED = (RequestStatus.PENDING.value, RequestStatus.PROCESSING.value)
+
+
+@dataclass(frozen=True)
+class TaskWork:
+    """The images a worker must still process for one task."""
+
+    request_id: str
+    options: ProcessingOptions
+    images: list[ImageRecord]
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """The final outcome of one image, ready to be recorded."""
+
+    image_id: int
+    attempts: int
+    outcome: ImageOutcome
+
+
+async def start_task(db: Database, task_id: int) -> TaskWork | None:
+    """Mark the task's pending images ``processing`` and return those not yet terminal."""
+    async with db.write() as conn:
+        task = (await conn.execute(select(t.tasks).where(t.tasks.c.id == task_id))).first()
+        if task is None:
+            return None
+        in_task = (
+            (t.images.c.request_id == task.request_id)
+            & (t.images.c.row_index >= task.first_row)
+            & (t.images.c.row_index <= task.last_row)
+        )
+        moved = await conn.execute(
+            update(t.images)
+            .where(in_task & (t.images.c.status == ImageStatus.PENDING.value))
+            .values(status=ImageStatus.PROCESSING.value)
+        )
+        request = (
+            await conn.execute(
+                update(t.requests)
+                .where(t.requests.c.id == task.request_id)
+                .values(
+                    pending=t.requests.c.pending - moved.rowcount,
+                    processing=t.requests.c.processing + moved.rowcount,
+                    status=case(
+                        (
+                            t.requests.c.status == RequestStatus.PENDING.value,
+                            RequestStatus.PROCESSING.value,
+                        ),
+                        else_=t.requests.c.status,
+                    ),
+                    updated_at=utcnow(),
+                )
+                .returning(t.requests.c.options)
+            )
+        ).first()
+        rows = await conn.execute(
+            select(
+                t.images.c.id,
+                t.images.c.row_index,
+                t.images.c.position,
+                t.images.c.input_url,
+                t.images.c.status,
+                t.images.c.attempts,
+            )
+            .where(in_task & t.images.c.status.in_(_OPEN))
+            .order_by(t.images.c.row_index, t.images.c.position)
+        )
+        images = [
+            ImageRecord(
+                r.id, r.row_index, r.position, r.input_url, ImageStatus(r.status), r.attempts
+            )
+            for r in rows
+        ]
+    if request is None:
+        return None
+    return TaskWork(task.request_id, ProcessingOptions.from_dict(request.options), images)
+
+
+def _result_values(result: ImageResult) -> dict[str, Any]:
+    outcome = result.outcome
+    values: dict[str, Any] = {"attempts": result.attempts, "finished_at": utcnow()}
+    if isinstance(outcome, ProcessedImage):
+        values.update(
+            status=ImageStatus.COMPLETED.value,
+            output_key=outcome.output_key,
+            output_url=outcome.output_url,
+            bytes_in=outcome.bytes_in,
+            bytes_out=outcome.bytes_out,
+            width=outcome.width,
+            height=outcome.height,
+            format=outcome.format,
+            source_quality=outcome.source_quality,
+            output_quality=outcome.output_quality,
+            kept_source=outcome.kept_source,
+        )
+    else:
+        assert isinstance(outcome, ImageFailure)
+        values.update(
+            status=ImageStatus.FAILED.value,
+            error_code=outcome.code.value,
+            error_message=outcome.message[:2000],
+        )
+    return values
+
+
+async def record_results(db: Database, request_id: str, results: list[ImageResult]) -> bool:
+    """Store terminal outcomes; True when this call finished the request's last image.
+
+    That call also queues the request's finalize task, so exactly one finalize exists.
+    """
+    if not results:
+        return False
+    async with db.write() as conn:
+        completed = failed = 0
+        for result in results:
+            moved = await conn.execute(
+                update(t.images)
+                .where(
+                    (t.images.c.id == result.image_id)
+                    & (t.images.c.status == ImageStatus.PROCESSING.value)
+                )
+                .values(**_result_values(result))
+            )
+            if moved.rowcount != 1:
+                continue
+            if isinstance(result.outcome, ProcessedImage):
+                completed += 1
+            else:
+                failed += 1
+        if completed + failed == 0:
+            return False
+        counters = (
+            await conn.execute(
+                update(t.requests)
+                .where(t.requests.c.id == request_id)
+                .values(
+                    processing=t.requests.c.processing - (completed + failed),
+                    completed=t.requests.c.completed + completed,
+                    failed=t.requests.c.failed + failed,
+                    updated_at=utcnow(),
+                )
+                .returning(t.requests.c.pending, t.requests.c.processing)
+            )
+        ).one()
+        if counters.pending or counters.processing:
+            return False
+        await _queue_finalize(conn, request_id)
+        return True
+
+
+async def _queue_finalize(conn: AsyncConnection, request_id: str) -> None:
+    await conn.execute(
+        insert(t.tasks).values(
+            request_id=request_id,
+            kind=TaskKind.FINALIZE.value,
+            seq=0,
+            first_row=0,
+            last_row=0,
+            image_count=0,
+            state="queued",
+            priority=FINALIZE_PRIORITY,
+            attempts=0,
+            available_at=time.time(),
+            created_at=utcnow(),
+        )
+    )
+
+
+async def output_rows(
+    db: Database, request_id: str, chunk_rows: int = 5000
+) -> AsyncIterator[tuple[list[str], list[str]]]:
+    """(input cells, output URLs by position) for every product, in input order.
+
+    Read in chunks of rows, each in its own short transaction, so memory stays flat.
+    """
+    start = 0
+    while True:
+        async with db.read() as conn:
+            products = (
+                await conn.execute(
+                    select(t.products.c.row_index, t.products.c.cells)
+                    .where(
+                        (t.products.c.request_id == request_id)
+                        & (t.products.c.row_index >= start)
+                        & (t.products.c.row_index < start + chunk_rows)
+                    )
+                    .order_by(t.products.c.row_index)
+                )
+            ).all()
+            images = await conn.execute(
+                select(t.images.c.row_index, t.images.c.position, t.images.c.output_url)
+                .where(
+                    (t.images.c.request_id == request_id)
+                    & (t.images.c.row_index >= start)
+                    & (t.images.c.row_index < start + chunk_rows)
+                )
+                .order_by(t.images.c.row_index, t.images.c.position)
+            )
+            urls: dict[int, list[str]] = {}
+            for image in images:
+                urls.setdefault(image.row_index, []).append(image.output_url or "")
+        if not products:
+            return
+        for product in products:
+            yield product.cells, urls.get(product.row_index, [])
+        start += chunk_rows
+
+
+async def load_request(db: Database, request_id: str) -> Any:
+    """The request row, or None."""
+    async with db.read() as conn:
+        return (await conn.execute(select(t.requests).where(t.requests.c.id == request_id))).first()
+
+
+async def close_request(db: Database, request_id: str, output_key: str) -> bool:
+    """Move the request to its final status; True only for the call that did it."""
+    async with db.write() as conn:
+        request = (
+            await conn.execute(
+                select(t.requests.c.completed, t.requests.c.failed).where(
+                    t.requests.c.id == request_id
+                )
+            )
+        ).one()
+        succeeded = request.completed > 0
+        now = utcnow()
+        moved = await conn.execute(
+            update(t.requests)
+            .where((t.requests.c.id == request_id) & t.requests.c.status.in_(_UNFINISHED))
+            .values(
+                status=(RequestStatus.COMPLETED if succeeded else RequestStatus.FAILED).value,
+                output_key=output_key,
+                error=None if succeeded else f"all {request.failed} image(s) failed",
+                finished_at=now,
+                updated_at=now,
+            )
+        )
+        return moved.rowcount == 1
+
+
+async def unfinished_count(db: Database) -> int:
+    """How many requests are not finished yet (for health and tests)."""
+    async with db.read() as conn:
+        return (
+            await conn.execute(
+                select(func.count())
+                .select_from(t.requests)
+                .where(t.requests.c.status.in_(_UNFINISHED))
+            )
+        ).scalar_one()

@@ -1,0 +1,110 @@
+"""Imaging inside the calling process: fetch on the event loop, CPU work in threads."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pyvips
+
+from pixelmill.config import Settings
+from pixelmill.domain import (
+    ErrorCode,
+    ImageFailure,
+    ImageOutcome,
+    ProcessedImage,
+    ProcessingOptions,
+)
+from pixelmill.imaging.addresses import AddressPolicy
+from pixelmill.imaging.fetch import FetchedBody, Fetcher, FetchLimits
+from pixelmill.imaging.ops import EncodedImage, ImageLimits, process_image
+from pixelmill.storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
+
+_CONTENT_TYPES = {
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "avif": "image/avif",
+}
+
+
+def content_type(image_format: str) -> str:
+    """The MIME type of an output format."""
+    return _CONTENT_TYPES.get(image_format, "application/octet-stream")
+
+
+class InlineImaging:
+    """The imaging service as a library: a fetcher, a thread pool and a storage."""
+
+    def __init__(self, settings: Settings, storage: Storage) -> None:
+        self.storage = storage
+        self.total_timeout = settings.fetch_total_timeout
+        self.limits = ImageLimits(settings.max_pixels, settings.min_output_quality)
+        self.fetcher = Fetcher(
+            AddressPolicy(allow_private=settings.allow_private_urls),
+            FetchLimits(
+                max_bytes=settings.fetch_max_bytes,
+                max_redirects=settings.fetch_max_redirects,
+                connect_timeout=settings.fetch_connect_timeout,
+                read_timeout=settings.fetch_read_timeout,
+                total_timeout=settings.fetch_total_timeout,
+                user_agent=settings.user_agent,
+            ),
+            trusted_prefixes=tuple(settings.trusted_source_prefixes),
+        )
+        threads = settings.imaging_threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="pixelmill-imaging")
+        # Bounds the decoded images held in memory: those in the pool plus a few queued.
+        self._cpu_slots = asyncio.Semaphore(threads * 2)
+        pyvips.cache_set_max(0)
+
+    async def process(
+        self, source_url: str, options: ProcessingOptions, output_stem: str
+    ) -> ImageOutcome:
+        started = time.monotonic()
+        fetched = await self.fetcher.fetch(source_url)
+        if isinstance(fetched, ImageFailure):
+            return fetched
+        encoded = await self._transform(fetched, options, started)
+        if isinstance(encoded, ImageFailure):
+            return encoded
+        key = f"{output_stem}.{encoded.extension}"
+        try:
+            await self.storage.put_bytes(key, encoded.data, content_type(encoded.format))
+        except StorageError as exc:
+            return ImageFailure(ErrorCode.STORAGE_ERROR, str(exc))
+        return ProcessedImage(
+            output_key=key,
+            output_url=self.storage.url_for(key),
+            format=encoded.format,
+            width=encoded.width,
+            height=encoded.height,
+            bytes_in=encoded.bytes_in,
+            bytes_out=len(encoded.data),
+            source_quality=encoded.source_quality,
+            output_quality=encoded.output_quality,
+            kept_source=encoded.kept_source,
+            duration_ms=(time.monotonic() - started) * 1000,
+        )
+
+    async def _transform(
+        self, fetched: FetchedBody, options: ProcessingOptions, started: float
+    ) -> EncodedImage | ImageFailure:
+        deadline = started + self.total_timeout
+        loop = asyncio.get_running_loop()
+        async with self._cpu_slots:
+            try:
+                return await loop.run_in_executor(
+                    self._pool, process_image, fetched.data, options, self.limits, deadline
+                )
+            except Exception as exc:  # a bug or a libvips crash must not kill the worker
+                log.exception("processing %s failed", fetched.url)
+                return ImageFailure(ErrorCode.INTERNAL_ERROR, f"processing failed: {exc}")
+
+    async def close(self) -> None:
+        await self.fetcher.close()
+        self._pool.shutdown(wait=True, cancel_futures=True)

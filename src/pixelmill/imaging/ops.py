@@ -1,0 +1,293 @@
+"""Decode, transform and encode one image: a pipeline of small named steps (libvips).
+
+Everything here is CPU work and runs in a thread pool (libvips releases the GIL). The
+deadline is checked between steps; failures come back as :class:`ImageFailure` values.
+See docs/imaging.md for what "50% quality" means for each format.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyvips
+from PIL import Image
+
+from pixelmill.domain import ErrorCode, ImageFailure, ProcessingOptions
+from pixelmill.imaging.quality import estimate_jpeg_quality
+
+LOSSLESS_SOURCES = frozenset({"png", "gif", "tiff", "bmp"})
+_KEEP_FORMAT = {
+    "jpeg": "jpeg",
+    "webp": "webp",
+    "png": "png",
+    "avif": "avif",
+    "heif": "avif",
+    "gif": "png",
+    "tiff": "png",
+    "bmp": "png",
+}
+_FORMATS_WITH_ALPHA = frozenset({"png", "webp", "avif"})
+_HEIF_BRANDS = {
+    b"avif": "avif",
+    b"avis": "avif",
+    b"heic": "heif",
+    b"heix": "heif",
+    b"heim": "heif",
+    b"heis": "heif",
+    b"mif1": "heif",
+    b"msf1": "heif",
+}
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Bounds on decoding."""
+
+    max_pixels: int = 50_000_000
+    min_output_quality: int = 10
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """The bytes of a processed image and what they hold."""
+
+    data: bytes
+    format: str
+    width: int
+    height: int
+    bytes_in: int
+    source_quality: int | None
+    output_quality: int | None
+    kept_source: bool
+
+    @property
+    def extension(self) -> str:
+        return {"jpeg": "jpg"}.get(self.format, self.format)
+
+
+class _Failed(Exception):
+    def __init__(self, failure: ImageFailure) -> None:
+        self.failure = failure
+
+
+def _fail(code: ErrorCode, message: str) -> _Failed:
+    return _Failed(ImageFailure(code, message))
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format named by the magic bytes of ``data``, or None."""
+    head = data[:32]
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "tiff"
+    if head.startswith(b"BM") and len(head) >= 26:
+        return "bmp"
+    if head[4:8] == b"ftyp":
+        return _HEIF_BRANDS.get(head[8:12])
+    return None
+
+
+def _check_deadline(deadline: float) -> None:
+    if time.monotonic() > deadline:
+        raise _fail(ErrorCode.TIMEOUT, "processing took longer than the time limit")
+
+
+def _step_sniff(data: bytes) -> str:
+    if not data:
+        raise _fail(ErrorCode.CORRUPT_IMAGE, "the source is empty (0 bytes)")
+    source_format = sniff_format(data)
+    if source_format is None:
+        what = "HTML or text" if data.lstrip()[:1] in (b"<", b"{") else "not a known image"
+        raise _fail(
+            ErrorCode.UNSUPPORTED_FORMAT,
+            f"the source is {what} (first bytes {data[:8]!r}); "
+            "expected JPEG, PNG, WebP, GIF, TIFF, BMP, AVIF or HEIF",
+        )
+    return source_format
+
+
+def _load(data: bytes, source_format: str, **options: Any) -> pyvips.Image:
+    """Open ``data`` lazily (header only; pixels are decoded when needed)."""
+    try:
+        if source_format == "bmp":
+            return _load_with_pillow(data)
+        return pyvips.Image.new_from_buffer(
+            data, "", access="sequential", fail_on="truncated", **options
+        )
+    except pyvips.Error as exc:
+        raise _fail(
+            ErrorCode.CORRUPT_IMAGE, f"cannot decode the {source_format}: {_vips_reason(exc)}"
+        ) from None
+
+
+def _load_with_pillow(data: bytes) -> pyvips.Image:
+    """BMP, which libvips reads only through ImageMagick, decoded by Pillow instead."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            rgb = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    except Exception as exc:
+        raise _fail(ErrorCode.CORRUPT_IMAGE, f"cannot decode the bmp: {exc}") from None
+    return pyvips.Image.new_from_memory(
+        rgb.tobytes(), rgb.width, rgb.height, len(rgb.getbands()), "uchar"
+    )
+
+
+def _vips_reason(exc: pyvips.Error) -> str:
+    detail = (exc.detail or str(exc)).strip().splitlines()
+    return detail[-1] if detail else "unknown error"
+
+
+def _step_check_pixels(image: pyvips.Image, limits: ImageLimits) -> None:
+    pixels = image.width * image.height
+    if pixels > limits.max_pixels:
+        raise _fail(
+            ErrorCode.TOO_MANY_PIXELS,
+            f"{image.width}x{image.height} is {pixels / 1e6:.1f} MP; "
+            f"the limit is {limits.max_pixels / 1e6:.1f} MP",
+        )
+
+
+def _oriented_size(image: pyvips.Image) -> tuple[int, int]:
+    orientation = image.get("orientation") if image.get_typeof("orientation") else 1
+    if orientation in (5, 6, 7, 8):
+        return image.height, image.width
+    return image.width, image.height
+
+
+def _step_decode(
+    data: bytes, source_format: str, image: pyvips.Image, options: ProcessingOptions
+) -> pyvips.Image:
+    """Decode with EXIF orientation applied and, when asked, shrunk to fit (never enlarged)."""
+    width, height = _oriented_size(image)
+    max_w = options.max_width or width
+    max_h = options.max_height or height
+    if (max_w < width or max_h < height) and source_format != "bmp":
+        try:
+            return pyvips.Image.thumbnail_buffer(
+                data, max_w, height=max_h, size="down", option_string="fail_on=truncated"
+            )
+        except pyvips.Error as exc:
+            raise _fail(ErrorCode.CORRUPT_IMAGE, f"cannot decode: {_vips_reason(exc)}") from None
+    if max_w < width or max_h < height:
+        scale = min(max_w / width, max_h / height)
+        return image.resize(scale)
+    return image.autorot()
+
+
+def _step_to_srgb(image: pyvips.Image) -> pyvips.Image:
+    """CMYK, Lab, 16-bit and other encodings to 8-bit sRGB (or grey)."""
+    interpretation = image.interpretation
+    if interpretation == "cmyk":
+        profile: dict[str, Any] = (
+            {"embedded": True}
+            if image.get_typeof("icc-profile-data")
+            else {"input_profile": "cmyk"}
+        )
+        return image.icc_transform("srgb", **profile)
+    if interpretation in ("b-w", "grey16"):
+        return image.colourspace("b-w") if image.format != "uchar" else image
+    if interpretation not in ("srgb",) or image.format != "uchar":
+        return image.colourspace("srgb")
+    return image
+
+
+def _step_flatten(image: pyvips.Image, output_format: str) -> pyvips.Image:
+    if image.hasalpha() and output_format not in _FORMATS_WITH_ALPHA:
+        return image.flatten(background=[255] * (image.bands - 1))
+    return image
+
+
+def _output_format(source_format: str, options: ProcessingOptions) -> str:
+    return _KEEP_FORMAT[source_format] if options.format == "keep" else options.format
+
+
+def _qualities(
+    data: bytes, source_format: str, options: ProcessingOptions, limits: ImageLimits
+) -> tuple[int | None, int]:
+    """(source quality, output quality); an unknown source quality counts as 100."""
+    source_quality = estimate_jpeg_quality(data) if source_format == "jpeg" else None
+    if source_format in LOSSLESS_SOURCES:
+        source_quality = 100
+    base = source_quality or 100
+    output_quality = round(base * options.quality / 100)
+    return source_quality, min(100, max(limits.min_output_quality, output_quality))
+
+
+def _step_encode(image: pyvips.Image, output_format: str, quality: int) -> bytes:
+    try:
+        if output_format == "jpeg":
+            return image.jpegsave_buffer(Q=quality, keep="icc")
+        if output_format == "webp":
+            return image.webpsave_buffer(Q=quality, keep="icc")
+        if output_format == "avif":
+            return image.heifsave_buffer(Q=quality, compression="av1", keep="icc")
+        return image.pngsave_buffer(palette=True, Q=quality, keep="icc", compression=6)
+    except pyvips.Error as exc:
+        # Pixels are decoded lazily, so a truncated source surfaces here.
+        raise _fail(ErrorCode.CORRUPT_IMAGE, f"cannot decode: {_vips_reason(exc)}") from None
+
+
+def process_image(
+    data: bytes, options: ProcessingOptions, limits: ImageLimits, deadline: float
+) -> EncodedImage | ImageFailure:
+    """Run the whole pipeline on the bytes of one source image."""
+    try:
+        source_format = _step_sniff(data)
+        header = _load(data, source_format)
+        _step_check_pixels(header, limits)
+        _check_deadline(deadline)
+        source_quality, output_quality = _qualities(data, source_format, options, limits)
+        output_format = _output_format(source_format, options)
+        image = _step_decode(data, source_format, header, options)
+        image = _step_to_srgb(image)
+        image = _step_flatten(image, output_format)
+        _check_deadline(deadline)
+        encoded = _step_encode(image, output_format, output_quality)
+        _check_deadline(deadline)
+        return _never_larger(
+            data, source_format, header, image, encoded, output_format,
+            source_quality, output_quality, options,
+        )  # fmt: skip
+    except _Failed as failed:
+        return failed.failure
+
+
+def _never_larger(
+    data: bytes,
+    source_format: str,
+    header: pyvips.Image,
+    image: pyvips.Image,
+    encoded: bytes,
+    output_format: str,
+    source_quality: int | None,
+    output_quality: int,
+    options: ProcessingOptions,
+) -> EncodedImage:
+    """Keep the source bytes when re-encoding would not make the image smaller.
+
+    Only when the source already meets the options (same format, within the size
+    bounds): otherwise the caller asked for a change that the source does not have.
+    """
+    source_width, source_height = _oriented_size(header)
+    source_fits = image.width == source_width and image.height == source_height
+    same_format = _KEEP_FORMAT.get(source_format) == output_format == source_format
+    if len(encoded) >= len(data) and source_fits and same_format:
+        return EncodedImage(
+            data, source_format, source_width, source_height, len(data),
+            source_quality, source_quality, kept_source=True,
+        )  # fmt: skip
+    return EncodedImage(
+        encoded, output_format, image.width, image.height, len(data),
+        source_quality, output_quality, kept_source=False,
+    )  # fmt: skip

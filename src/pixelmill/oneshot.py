@@ -1,0 +1,93 @@
+"""``pixelmill process``: the whole pipeline in one process, with no server.
+
+The same ingest, queue, worker and imaging as ``serve``, on a throw-away SQLite
+database; the images land in ``OUT/images`` and the CSV in ``OUT/output.csv``, whose
+URLs are paths relative to OUT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pixelmill.config import Settings
+from pixelmill.csvio import CsvLimits, CsvRejected
+from pixelmill.db import work
+from pixelmill.db.ingest import stage_request
+from pixelmill.domain import ProcessingOptions
+from pixelmill.runtime import Runtime
+from pixelmill.storage import LocalStorage
+
+
+async def run_oneshot(
+    settings: Settings,
+    file: Path,
+    out: Path,
+    console: Console,
+    quality: int = 50,
+    max_width: int | None = None,
+    max_height: int | None = None,
+    image_format: str = "keep",
+) -> int:
+    """Process ``file`` into ``out``; 0 when the request completed, 1 otherwise."""
+    options = ProcessingOptions(quality, max_width, max_height, image_format)  # type: ignore[arg-type]
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pixelmill-process-") as state:
+        local = settings.model_copy(
+            update={
+                "database_url": f"sqlite:///{Path(state) / 'pixelmill.db'}",
+                "queue_url": "db://",
+                "poll_interval": 0.05,
+            }
+        )
+        storage = LocalStorage(out / "images", "images")
+        runtime = await Runtime.open(local, migrate=True, storage=storage)
+        try:
+            try:
+                accepted = await stage_request(
+                    runtime.db,
+                    file,
+                    options=options,
+                    webhook_url=None,
+                    owner=None,
+                    limits=CsvLimits(settings.max_rows, settings.max_urls_per_row),
+                    task_max_images=settings.task_max_images,
+                    batch_rows=settings.ingest_batch_rows,
+                )
+            except CsvRejected as exc:
+                console.print(f"[red]{exc.message}[/red]")
+                for problem in exc.problems[:20]:
+                    console.print(f"  line {problem.line}, {problem.column}: {problem.message}")
+                return 2
+            runtime.start_worker()
+            row = await _follow(runtime, accepted.request_id, accepted.images, console)
+        finally:
+            await runtime.close()
+    shutil.move(str(storage.local_path(row.output_key)), out / "output.csv")
+    console.print(
+        f"{row.status}: {row.completed} completed, {row.failed} failed -> {out / 'output.csv'}"
+    )
+    return 0 if row.status == "completed" else 1
+
+
+async def _follow(runtime: Runtime, request_id: str, total: int, console: Console) -> Any:
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("processing", total=total)
+        while True:
+            row = await work.load_request(runtime.db, request_id)
+            bar.update(task, completed=row.completed + row.failed)
+            if row.finished_at is not None:
+                return row
+            await asyncio.sleep(0.2)

@@ -1,0 +1,134 @@
+"""The embedded queue: the ``tasks`` table itself, with leases.
+
+A task is claimed by one conditional UPDATE (``FOR UPDATE SKIP LOCKED`` on
+PostgreSQL), so two workers never hold it at once; a worker renews its lease while it
+works, and a task whose lease ran out (its worker died) is claimed again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from sqlalchemy import ColumnElement, and_, or_, select, update
+
+from pixelmill.db import tables as t
+from pixelmill.db.engine import Database
+from pixelmill.domain import TaskKind
+from pixelmill.queue.base import TaskMessage
+
+t_tasks = t.tasks
+
+
+class DbQueue:
+    """Tasks leased from the database by ``owner``."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        owner: str,
+        lease_seconds: float,
+        poll_interval: float,
+        max_attempts: int = 10,
+    ) -> None:
+        self.db = db
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+        self.poll_interval = poll_interval
+        self.max_attempts = max_attempts
+        self._wakeup = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def receive(self, timeout: float) -> TaskMessage | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            message = await self._claim()
+            remaining = deadline - time.monotonic()
+            if message or remaining <= 0:
+                return message
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), min(self.poll_interval, remaining))
+
+    async def _claim(self) -> TaskMessage | None:
+        now = time.time()
+        claimable = or_(
+            and_(t_tasks.c.state == "queued", t_tasks.c.available_at <= now),
+            and_(t_tasks.c.state == "leased", t_tasks.c.lease_expires_at < now),
+        )
+        candidate = (
+            select(t_tasks.c.id)
+            .where(claimable)
+            .order_by(t_tasks.c.priority, t_tasks.c.id)
+            .limit(1)
+        )
+        if not self.db.is_sqlite:
+            candidate = candidate.with_for_update(skip_locked=True)
+        statement = (
+            update(t_tasks)
+            .where(t_tasks.c.id == candidate.scalar_subquery())
+            .values(
+                state="leased",
+                lease_owner=self.owner,
+                lease_expires_at=now + self.lease_seconds,
+                attempts=t_tasks.c.attempts + 1,
+            )
+            .returning(t_tasks.c.id, t_tasks.c.request_id, t_tasks.c.kind, t_tasks.c.attempts)
+        )
+        async with self.db.write() as conn:
+            row = (await conn.execute(statement)).first()
+        if row is None:
+            return None
+        return TaskMessage(row.id, row.request_id, TaskKind(row.kind), row.attempts)
+
+    def _mine(self, message: TaskMessage) -> ColumnElement[bool]:
+        return and_(
+            t_tasks.c.id == message.task_id,
+            t_tasks.c.lease_owner == self.owner,
+            t_tasks.c.state == "leased",
+        )
+
+    async def renew(self, message: TaskMessage) -> bool:
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                update(t_tasks)
+                .where(self._mine(message))
+                .values(lease_expires_at=time.time() + self.lease_seconds)
+            )
+        return result.rowcount == 1
+
+    async def ack(self, message: TaskMessage) -> None:
+        await self._set(message, state="done", lease_owner=None, lease_expires_at=None)
+
+    async def retry(self, message: TaskMessage, delay: float, error: str) -> None:
+        state = "dead" if message.attempt >= self.max_attempts else "queued"
+        await self._set(
+            message,
+            state=state,
+            available_at=time.time() + delay,
+            lease_owner=None,
+            lease_expires_at=None,
+            last_error=error[:2000],
+        )
+
+    async def release(self, message: TaskMessage) -> None:
+        # A release is not a failed attempt: give the attempt back.
+        await self._set(
+            message,
+            state="queued",
+            available_at=time.time(),
+            lease_owner=None,
+            lease_expires_at=None,
+            attempts=t_tasks.c.attempts - 1,
+        )
+
+    async def _set(self, message: TaskMessage, **values: object) -> None:
+        async with self.db.write() as conn:
+            await conn.execute(update(t_tasks).where(self._mine(message)).values(**values))
+
+    async def close(self) -> None:
+        self._wakeup.set()

@@ -1,0 +1,73 @@
+"""The parts of a running pixelmill process, built from its settings and closed together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from pixelmill.config import Settings
+from pixelmill.db.engine import Database
+from pixelmill.db.migrate import upgrade_async
+from pixelmill.imaging import open_imaging
+from pixelmill.imaging.base import Imaging
+from pixelmill.queue import Queue, open_queue
+from pixelmill.storage import Storage, open_storage
+from pixelmill.worker import Worker, worker_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """Database, storage and queue of a process; imaging and a worker when it runs one."""
+
+    settings: Settings
+    db: Database
+    storage: Storage
+    queue: Queue
+    imaging: Imaging | None = None
+    worker: Worker | None = None
+    _worker_task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @classmethod
+    async def open(
+        cls, settings: Settings, *, migrate: bool = False, storage: Storage | None = None
+    ) -> Runtime:
+        """Build the parts named by the settings; unknown URL schemes fail here, at start."""
+        if migrate:
+            await upgrade_async(settings.database_url)
+        db = Database(settings.database_url)
+        storage = storage or open_storage(settings.storage_url, settings.public_url)
+        queue = open_queue(settings, db, owner=worker_name())
+        log.info(
+            "pixelmill backends: database=%s queue=%s imaging=%s storage=%s",
+            db.writer.url.render_as_string(hide_password=True),
+            settings.queue_url,
+            settings.imaging_url,
+            settings.storage_url,
+        )
+        return cls(settings, db, storage, queue)
+
+    def start_worker(self) -> Worker:
+        """Start a worker in this process's event loop."""
+        self.imaging = open_imaging(self.settings, self.storage)
+        self.worker = Worker(self.settings, self.db, self.queue, self.imaging, self.storage)
+        self._worker_task = asyncio.create_task(self.worker.run(), name="pixelmill-worker")
+        return self.worker
+
+    async def close_when_stopped(self) -> None:
+        """Wait until the worker stops (after ``worker.stop()``), then close everything."""
+        if self._worker_task:
+            await asyncio.gather(self._worker_task, return_exceptions=True)
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop the worker (graceful), then close every connection."""
+        if self.worker and self._worker_task:
+            self.worker.stop()
+            await asyncio.gather(self._worker_task, return_exceptions=True)
+        if self.imaging:
+            await self.imaging.close()
+        await self.queue.close()
+        await self.db.close()

@@ -1,0 +1,215 @@
+"""The worker: takes tasks from the queue and sees each one through.
+
+For a ``process`` task it marks the task's images ``processing``, sends each image
+to the imaging service with bounded concurrency (transient failures retried with
+backoff), records every result as it lands, then acknowledges the task. The worker
+that records a request's last image has queued its ``finalize`` task, which writes
+the output CSV and closes the request exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pixelmill.config import Settings
+from pixelmill.csvio import OutputCsvWriter
+from pixelmill.db import work
+from pixelmill.db.engine import Database
+from pixelmill.domain import ImageFailure, ImageRecord, ProcessingOptions, TaskKind
+from pixelmill.imaging.base import Imaging
+from pixelmill.queue.base import Queue, TaskMessage
+from pixelmill.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+def worker_name() -> str:
+    """A name unique to this worker process, used as its lease owner."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter; a source's Retry-After wins when longer."""
+
+    attempts: int = 4
+    base_delay: float = 0.5
+    max_delay: float = 30.0
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        backoff = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        jittered = backoff / 2 + random.uniform(0, backoff / 2)
+        return min(self.max_delay, max(jittered, retry_after or 0.0))
+
+
+class Worker:
+    """Runs tasks from ``queue`` until asked to stop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        queue: Queue,
+        imaging: Imaging,
+        storage: Storage,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.queue = queue
+        self.imaging = imaging
+        self.storage = storage
+        self.retry = RetryPolicy(settings.image_attempts, settings.retry_backoff_seconds)
+        self._image_slots = asyncio.Semaphore(settings.worker_concurrency)
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        """Serve tasks until :meth:`stop`; in-flight tasks get a grace period, then go back."""
+        slots = [
+            asyncio.create_task(self._slot(), name=f"pixelmill-task-slot-{i}")
+            for i in range(self.settings.worker_tasks_in_flight)
+        ]
+        try:
+            await asyncio.gather(*slots)
+        finally:
+            for slot in slots:
+                slot.cancel()
+            await asyncio.gather(*slots, return_exceptions=True)
+
+    def stop(self) -> None:
+        """Stop taking tasks; tasks in hand finish within the grace period."""
+        self._stopping.set()
+        self.queue.wake()
+
+    async def _slot(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                message = await self.queue.receive(timeout=1.0)
+            except Exception:
+                log.exception("receiving a task failed; retrying")
+                await asyncio.sleep(1.0)
+                continue
+            if message is not None:
+                await self._handle_with_grace(message)
+
+    async def _handle_with_grace(self, message: TaskMessage) -> None:
+        handler = asyncio.create_task(self._handle(message))
+        stopping = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait({handler, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not handler.done():
+                # Shutting down: give the task the grace period, then hand it back.
+                await asyncio.wait({handler}, timeout=self.settings.shutdown_grace_seconds)
+            if not handler.done():
+                handler.cancel()
+                await asyncio.gather(handler, return_exceptions=True)
+                await self.queue.release(message)
+                log.info("released task %s at shutdown", message.task_id)
+        finally:
+            stopping.cancel()
+            if not handler.done():
+                handler.cancel()
+
+    async def _handle(self, message: TaskMessage) -> None:
+        try:
+            async with self._lease(message):
+                if message.kind is TaskKind.FINALIZE:
+                    await self.finalize(message.request_id)
+                else:
+                    await self.process_task(message.task_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("task %s failed", message.task_id)
+            await self.queue.retry(message, self.retry.delay(message.attempt), repr(exc))
+            return
+        await self.queue.ack(message)
+
+    @contextlib.asynccontextmanager
+    async def _lease(self, message: TaskMessage) -> AsyncIterator[None]:
+        """Renew the task's lease while it runs; cancel the work if the lease is lost."""
+        current = asyncio.current_task()
+        assert current is not None
+
+        async def keep() -> None:
+            interval = self.settings.lease_seconds / 3
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    renewed = await self.queue.renew(message)
+                except Exception:
+                    log.warning("renewing the lease of task %s failed", message.task_id)
+                    continue
+                if not renewed:
+                    log.warning("lost the lease of task %s; abandoning it", message.task_id)
+                    current.cancel()
+                    return
+
+        keeper = asyncio.create_task(keep())
+        try:
+            yield
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+
+    async def process_task(self, task_id: int) -> None:
+        """Process every image of the task that is not terminal yet."""
+        task = await work.start_task(self.db, task_id)
+        if task is None:
+            return
+        finished = await asyncio.gather(
+            *(
+                self._process_and_record(task.request_id, task.options, image)
+                for image in task.images
+            )
+        )
+        if any(finished):
+            self.queue.wake()
+
+    async def _process_and_record(
+        self, request_id: str, options: ProcessingOptions, image: ImageRecord
+    ) -> bool:
+        result = await self._process_image(request_id, options, image)
+        return await work.record_results(self.db, request_id, [result])
+
+    async def _process_image(
+        self, request_id: str, options: ProcessingOptions, image: ImageRecord
+    ) -> work.ImageResult:
+        stem = f"{request_id}/{image.row_index + 1}-{image.position}"
+        attempt = 0
+        while True:
+            attempt += 1
+            async with self._image_slots:
+                outcome = await self.imaging.process(image.input_url, options, stem)
+            last = attempt >= self.retry.attempts
+            if not isinstance(outcome, ImageFailure) or not outcome.is_transient or last:
+                return work.ImageResult(image.id, image.attempts + attempt, outcome)
+            await asyncio.sleep(self.retry.delay(attempt, outcome.retry_after))
+
+    async def finalize(self, request_id: str) -> None:
+        """Write the output CSV to storage and close the request (idempotent)."""
+        request = await work.load_request(self.db, request_id)
+        if request is None or request.finished_at is not None:
+            return
+        key = f"{request_id}/output.csv"
+        fd, name = tempfile.mkstemp(prefix="pixelmill-output-", suffix=".csv")
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
+                writer = OutputCsvWriter(out, list(request.header))
+                async for cells, urls in work.output_rows(self.db, request_id):
+                    writer.write(cells, urls)
+            await self.storage.put_file(key, path, "text/csv; charset=utf-8")
+        finally:
+            path.unlink(missing_ok=True)
+        if await work.close_request(self.db, request_id, key):
+            log.info("request %s finished", request_id)
