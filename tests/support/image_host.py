@@ -1,0 +1,128 @@
+"""A real HTTP server on loopback that serves the image corpus, and misbehaves on request.
+
+Routes:
+- ``/img/NAME``: the file NAME of the corpus.
+- ``/status/CODE``: answers CODE with an empty body.
+- ``/flaky/KEY/NAME``: answers 500 the first time KEY is seen, then NAME.
+- ``/drip/NAME``: sends NAME one byte per second.
+- ``/slow/MS/NAME``: waits MS milliseconds, then sends NAME.
+- ``/redirect/N/NAME``: N redirects, then NAME.
+- ``/to?url=URL``: a redirect to URL.
+Every request is counted by path, so tests can tell what was (not) fetched.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+
+class ImageHost:
+    """Starts on a free port in a thread; ``url(path)`` builds URLs to it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.hits: Counter[str] = Counter()
+        self._flaky_seen: set[str] = set()
+        self._lock = threading.Lock()
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                host._serve(self)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> ImageHost:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+
+    def _serve(self, handler: BaseHTTPRequestHandler) -> None:
+        parts = urlsplit(handler.path)
+        with self._lock:
+            self.hits[parts.path] += 1
+        segments = parts.path.strip("/").split("/")
+        kind = segments[0]
+        if kind == "img":
+            self._send_file(handler, segments[-1])
+        elif kind == "status":
+            self._send(handler, int(segments[1]), b"")
+        elif kind == "flaky":
+            key = segments[1]
+            with self._lock:
+                first = key not in self._flaky_seen
+                self._flaky_seen.add(key)
+            if first:
+                self._send(handler, 500, b"try again")
+            else:
+                self._send_file(handler, segments[2])
+        elif kind == "slow":
+            time.sleep(int(segments[1]) / 1000)
+            self._send_file(handler, segments[2])
+        elif kind == "drip":
+            self._drip(handler, (self.root / segments[1]).read_bytes())
+        elif kind == "redirect":
+            left = int(segments[1])
+            target = f"/redirect/{left - 1}/{segments[2]}" if left > 1 else f"/img/{segments[2]}"
+            self._redirect(handler, target)
+        elif kind == "to":
+            self._redirect(handler, parse_qs(parts.query)["url"][0])
+        else:
+            self._send(handler, 404, b"no such route")
+
+    def _send_file(self, handler: BaseHTTPRequestHandler, name: str) -> None:
+        path = self.root / name
+        if not path.is_file():
+            self._send(handler, 404, b"not found")
+            return
+        self._send(handler, 200, path.read_bytes(), "image/jpeg")
+
+    @staticmethod
+    def _send(
+        handler: BaseHTTPRequestHandler, status: int, body: bytes, content_type: str = "text/plain"
+    ) -> None:
+        handler.send_response(status)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    @staticmethod
+    def _redirect(handler: BaseHTTPRequestHandler, location: str) -> None:
+        handler.send_response(302)
+        handler.send_header("Location", location)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    @staticmethod
+    def _drip(handler: BaseHTTPRequestHandler, body: bytes) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "image/jpeg")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        try:
+            for i in range(len(body)):
+                handler.wfile.write(body[i : i + 1])
+                handler.wfile.flush()
+                time.sleep(1.0)
+        except OSError:
+            pass
