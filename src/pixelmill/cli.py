@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,6 +35,12 @@ ApiKeyOption = Annotated[
 
 def _logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pyvips").setLevel(logging.WARNING)
+
+
+def _exit_zero_on_sigterm() -> None:
+    """Uvicorn re-raises SIGTERM after its graceful shutdown; make that a clean exit 0."""
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(0))
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -50,6 +57,7 @@ def _run_server(settings: Settings, host: str, port: int, **app_options: bool) -
     from pixelmill.api.app import create_app
 
     application = create_app(settings, **app_options)
+    _exit_zero_on_sigterm()
     uvicorn.run(application, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
 
 

@@ -8,7 +8,8 @@ Routes:
 - ``/slow/MS/NAME``: waits MS milliseconds, then sends NAME.
 - ``/redirect/N/NAME``: N redirects, then NAME.
 - ``/to?url=URL``: a redirect to URL.
-Every request is counted by path, so tests can tell what was (not) fetched.
+Every request is counted by path (and by path with query), so tests can tell what was
+(not) fetched.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class ImageHost:
         parts = urlsplit(handler.path)
         with self._lock:
             self.hits[parts.path] += 1
+            if parts.query:
+                self.hits[handler.path] += 1
         segments = parts.path.strip("/").split("/")
         kind = segments[0]
         if kind == "img":

@@ -98,6 +98,13 @@ async def received_upload(
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
             options = await _receive_multipart(request, path, max_bytes, allow_private)
+        elif content_type.startswith("application/x-www-form-urlencoded"):
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                "send the CSV as a multipart 'file' part (curl -F file=@products.csv) "
+                "or as a text/csv body",
+            )
         else:
             options = parse_options(dict(request.query_params), allow_private=allow_private)
             await _copy_stream(request.stream(), path, max_bytes)
