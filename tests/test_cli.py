@@ -1,0 +1,124 @@
+"""The command line, run as a user runs it: real processes, real files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.image_host import ImageHost
+from tests.support.images import decoded_size
+from tests.support.server import ServeProcess
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "products.csv"
+
+
+def pixelmill(*args: str, env: dict[str, str] | None = None, timeout: float = 120):  # type: ignore[no-untyped-def]
+    return subprocess.run(
+        [sys.executable, "-m", "pixelmill", *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_process_one_shot_writes_csv_and_images(tmp_path: Path, image_host: ImageHost) -> None:
+    source = tmp_path / "in.csv"
+    source.write_text(
+        "S. No.,Product Name,Input Image Urls\n"
+        f'1,Alpha,"{image_host.url("img/cat.jpg")}, {image_host.url("status/404")}"\n'
+        f"2,Beta,{image_host.url('img/coffee.jpg')}\n"
+    )
+    out = tmp_path / "out"
+    result = pixelmill(
+        "process", str(source), "-o", str(out), "--max-width", "200",
+        env={"PIXELMILL_ALLOW_PRIVATE_URLS": "true"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.reader((out / "output.csv").open()))
+    assert rows[0][-1] == "Output Image Urls" and len(rows) == 3
+    first, failed = rows[1][3].split(", ")
+    assert failed == ""
+    for relative in (first, rows[2][3]):
+        image = out / relative
+        assert image.is_file(), relative
+        assert decoded_size(image.read_bytes())[0] == 200
+
+
+def test_process_refuses_loopback_sources_by_default(tmp_path: Path, image_host: ImageHost) -> None:
+    source = tmp_path / "in.csv"
+    url = image_host.url("img/cat.jpg?refused=1")
+    source.write_text(f"S. No.,Product Name,Input Image Urls\n1,A,{url}\n")
+    result = pixelmill("process", str(source), "-o", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "failed" in result.stderr
+    assert image_host.hits["/img/cat.jpg?refused=1"] == 0, "nothing was fetched"
+
+
+def test_process_reports_an_invalid_csv(tmp_path: Path) -> None:
+    source = tmp_path / "in.csv"
+    source.write_text("S. No.,Product Name,Input Image Urls\n1,,not-a-url\n")
+    result = pixelmill("process", str(source), "-o", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "line 2" in result.stderr and "product name is empty" in result.stderr
+
+
+def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
+    result = pixelmill("db", "upgrade", env={"PIXELMILL_DATA_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    with sqlite3.connect(tmp_path / "pixelmill.db") as conn:
+        names = {
+            row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+    assert {"requests", "products", "images", "tasks", "alembic_version"} <= names
+
+
+@pytest.fixture
+def default_server(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """``serve`` as a new user runs it: loopback sources NOT allowed, samples allowed."""
+    process = ServeProcess(tmp_path / "serve", env={"PIXELMILL_ALLOW_PRIVATE_URLS": "false"})
+    yield process.start()
+    process.stop()
+
+
+def test_quick_start_example_with_submit_status_result(
+    default_server: ServeProcess, image_host: ImageHost, tmp_path: Path
+) -> None:
+    example = tmp_path / "products.csv"
+    text = EXAMPLE.read_text().replace("127.0.0.1:8000", f"127.0.0.1:{default_server.port}")
+    example.write_text(text + f"4,Elsewhere,{image_host.url('img/cat.jpg')}\n")
+    server = ["--server", default_server.base_url]
+
+    submitted = pixelmill("submit", str(example), "--wait", *server)
+    assert submitted.returncode == 0, submitted.stderr
+    request_id = submitted.stdout.strip()
+    assert "completed" in submitted.stderr
+
+    status = pixelmill("status", request_id, *server)
+    assert '"status": "completed"' in status.stdout
+    products = default_server.get(f"/api/v1/requests/{request_id}/products").json()["items"]
+    sample_images = [image for product in products[:3] for image in product["images"]]
+    assert sample_images and all(image["status"] == "completed" for image in sample_images)
+    elsewhere = products[3]["images"][0]
+    assert elsewhere["error"]["code"] == "forbidden_address", "only the samples prefix is allowed"
+
+    out = tmp_path / "result.csv"
+    result = pixelmill("result", request_id, "-o", str(out), *server)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.reader(io.StringIO(out.read_text())))
+    assert len(rows) == 5 and rows[0][-1] == "Output Image Urls"
+
+
+def test_submit_reports_errors_with_lines(default_server: ServeProcess, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("S. No.,Product Name,Input Image Urls\n1,A,http://example.com/a.jpg\n1,B,\n")
+    result = pixelmill("submit", str(bad), "--server", default_server.base_url)
+    assert result.returncode == 1
+    assert "line 3" in result.stderr and "no image URL" in result.stderr
