@@ -108,7 +108,7 @@ def test_image_metadata_in_products(server: ServeProcess, image_host: ImageHost)
 
 def test_a_404_image_fails_alone(server: ServeProcess, image_host: ImageHost) -> None:
     good = image_host.url("img/cat.jpg")
-    missing = image_host.url("status/404")
+    missing = image_host.url("status/404?alone=1")
     body = csv_bytes([["1", "Mixed", f"{good}, {missing}, {good}?again"], ["2", "Fine", good]])
     request_id = upload(server, body)["request_id"]
     status = server.wait_finished(request_id)
@@ -121,7 +121,7 @@ def test_a_404_image_fails_alone(server: ServeProcess, image_host: ImageHost) ->
     assert failed["status"] == "failed" and failed["output_url"] is None
     assert failed["error"]["code"] == "http_error" and "404" in failed["error"]["message"]
     assert failed["attempts"] == 1, "a 404 is permanent: not retried"
-    assert image_host.hits["/status/404"] == 1
+    assert image_host.hits["/status/404?alone=1"] == 1
 
     rows = read_output(server, request_id)
     slots = rows[1][3].split(", ")

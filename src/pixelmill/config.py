@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=60.0, gt=0)
     poll_interval: float = Field(default=0.5, gt=0)
     image_attempts: int = Field(default=4, ge=1)
+    task_attempts: int = Field(default=5, ge=1)
     retry_backoff_seconds: float = Field(default=0.5, ge=0)
     shutdown_grace_seconds: float = Field(default=20.0, ge=0)
 

@@ -160,6 +160,22 @@ def _sniff_binary(head: bytes) -> None:
         )
 
 
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
+def _checked_lines(text: io.TextIOWrapper) -> Iterator[str]:
+    """The physical lines of ``text``; refuses the first one that is not valid UTF-8."""
+    for number, line in enumerate(text, start=1):
+        if _UNDECODABLE.search(line):
+            raise CsvRejected(
+                415,
+                "unsupported_encoding",
+                f"line {number} is not valid UTF-8: {_EXPORT_HINT}",
+                [CsvProblem(number, None, "not valid UTF-8")],
+            )
+        yield line
+
+
 class CsvReader:
     """Reads and validates an input CSV from a binary stream, one record at a time."""
 
@@ -167,8 +183,12 @@ class CsvReader:
         self.limits = limits or CsvLimits()
         buffered = stream if isinstance(stream, io.BufferedReader) else io.BufferedReader(stream)  # type: ignore[type-var]
         _sniff_binary(buffered.peek(4096)[:4096])
-        self._text = io.TextIOWrapper(buffered, encoding="utf-8-sig", newline="")
-        self._reader = csv.reader(self._text, strict=True)
+        # Undecodable bytes become lone surrogates, caught line by line in _lines(), so
+        # the error names the physical line that holds them.
+        self._text = io.TextIOWrapper(
+            buffered, encoding="utf-8-sig", errors="surrogateescape", newline=""
+        )
+        self._reader = csv.reader(_checked_lines(self._text), strict=True)
         self.header: list[str] = []
         self.columns: dict[str, int] = {}
         self._read_header()
@@ -178,14 +198,6 @@ class CsvReader:
             return next(self._reader)
         except StopIteration:
             return None
-        except UnicodeDecodeError as exc:
-            raise CsvRejected(
-                415,
-                "unsupported_encoding",
-                f"the file is not valid UTF-8 near line {self._reader.line_num + 1} "
-                f"({exc.reason}): {_EXPORT_HINT}",
-                [CsvProblem(self._reader.line_num + 1, None, "not valid UTF-8")],
-            ) from None
         except csv.Error as exc:
             line = self._reader.line_num
             raise CsvRejected(

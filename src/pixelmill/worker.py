@@ -25,9 +25,10 @@ from pixelmill.config import Settings
 from pixelmill.csvio import OutputCsvWriter
 from pixelmill.db import work
 from pixelmill.db.engine import Database
-from pixelmill.domain import ImageFailure, ImageRecord, ProcessingOptions, TaskKind
+from pixelmill.domain import ErrorCode, ImageFailure, ImageRecord, ProcessingOptions, TaskKind
 from pixelmill.imaging.base import Imaging
 from pixelmill.queue.base import Queue, TaskMessage
+from pixelmill.recorder import ResultRecorder
 from pixelmill.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ class Worker:
         self.storage = storage
         self.retry = RetryPolicy(settings.image_attempts, settings.retry_backoff_seconds)
         self._image_slots = asyncio.Semaphore(settings.worker_concurrency)
+        # A finished request has just queued its finalize task: look for it at once.
+        self.recorder = ResultRecorder(db, on_finished=lambda _request_id: queue.wake())
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -84,6 +87,7 @@ class Worker:
             for slot in slots:
                 slot.cancel()
             await asyncio.gather(*slots, return_exceptions=True)
+            await self.recorder.close()
 
     def stop(self) -> None:
         """Stop taking tasks; tasks in hand finish within the grace period."""
@@ -120,16 +124,23 @@ class Worker:
                 handler.cancel()
 
     async def _handle(self, message: TaskMessage) -> None:
+        poison = message.kind is TaskKind.PROCESS and message.attempt > self.settings.task_attempts
         try:
             async with self._lease(message):
-                if message.kind is TaskKind.FINALIZE:
+                if poison:
+                    # Taken this often without an ack: its workers died on it (a crash or
+                    # an OOM kill). Fail what is left rather than kill workers forever.
+                    await self.fail_task(
+                        message.task_id, f"gave up after {message.attempt - 1} attempts"
+                    )
+                elif message.kind is TaskKind.FINALIZE:
                     await self.finalize(message.request_id)
                 else:
                     await self.process_task(message.task_id)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("task %s failed", message.task_id)
+            log.exception("task %s failed (attempt %d)", message.task_id, message.attempt)
             await self.queue.retry(message, self.retry.delay(message.attempt), repr(exc))
             return
         await self.queue.ack(message)
@@ -166,20 +177,33 @@ class Worker:
         task = await work.start_task(self.db, task_id)
         if task is None:
             return
-        finished = await asyncio.gather(
+        await asyncio.gather(
             *(
                 self._process_and_record(task.request_id, task.options, image)
                 for image in task.images
             )
         )
-        if any(finished):
-            self.queue.wake()
+
+    async def fail_task(self, task_id: int, reason: str) -> None:
+        """Fail every image of the task that is not terminal yet, with ``internal_error``."""
+        task = await work.start_task(self.db, task_id)
+        if task is None:
+            return
+        failure = ImageFailure(ErrorCode.INTERNAL_ERROR, f"the task of this image {reason}")
+        await asyncio.gather(
+            *(
+                self.recorder.record(
+                    task.request_id, work.ImageResult(image.id, image.attempts, failure)
+                )
+                for image in task.images
+            )
+        )
 
     async def _process_and_record(
         self, request_id: str, options: ProcessingOptions, image: ImageRecord
-    ) -> bool:
+    ) -> None:
         result = await self._process_image(request_id, options, image)
-        return await work.record_results(self.db, request_id, [result])
+        await self.recorder.record(request_id, result)
 
     async def _process_image(
         self, request_id: str, options: ProcessingOptions, image: ImageRecord

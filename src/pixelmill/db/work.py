@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, func, insert, select, update
+from sqlalchemy import bindparam, case, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pixelmill.db import tables as t
@@ -110,9 +111,26 @@ async def start_task(db: Database, task_id: int) -> TaskWork | None:
     return TaskWork(task.request_id, ProcessingOptions.from_dict(request.options), images)
 
 
-def _result_values(result: ImageResult) -> dict[str, Any]:
+_NO_OUTPUT: dict[str, Any] = {
+    "output_key": None,
+    "output_url": None,
+    "bytes_in": None,
+    "bytes_out": None,
+    "width": None,
+    "height": None,
+    "format": None,
+    "source_quality": None,
+    "output_quality": None,
+    "kept_source": None,
+    "error_code": None,
+    "error_message": None,
+}
+
+
+def _result_values(result: ImageResult, now: datetime) -> dict[str, Any]:
+    """The column values of one result; every result has the same keys (executemany)."""
     outcome = result.outcome
-    values: dict[str, Any] = {"attempts": result.attempts, "finished_at": utcnow()}
+    values: dict[str, Any] = {**_NO_OUTPUT, "attempts": result.attempts, "finished_at": now}
     if isinstance(outcome, ProcessedImage):
         values.update(
             status=ImageStatus.COMPLETED.value,
@@ -137,49 +155,81 @@ def _result_values(result: ImageResult) -> dict[str, Any]:
     return values
 
 
-async def record_results(db: Database, request_id: str, results: list[ImageResult]) -> bool:
-    """Store terminal outcomes; True when this call finished the request's last image.
+_RECORD = (
+    update(t.images)
+    .where(
+        (t.images.c.id == bindparam("image_id"))
+        & (t.images.c.status == ImageStatus.PROCESSING.value)
+    )
+    .values(
+        {
+            name: bindparam(f"v_{name}")
+            for name in ("status", "attempts", "finished_at", *_NO_OUTPUT)
+        }
+    )
+)
 
-    That call also queues the request's finalize task, so exactly one finalize exists.
+
+def _record_params(result: ImageResult, now: datetime) -> dict[str, Any]:
+    values = _result_values(result, now)
+    return {"image_id": result.image_id, **{f"v_{name}": value for name, value in values.items()}}
+
+
+async def record_results(db: Database, results: list[tuple[str, ImageResult]]) -> list[str]:
+    """Store terminal outcomes of images of any requests, in one transaction.
+
+    Only images still ``processing`` move (and are counted), so recording an outcome
+    twice has no effect. Returns the requests whose last image this call recorded;
+    for each, this call also queued the finalize task, so exactly one exists.
     """
     if not results:
-        return False
+        return []
+    by_id = {result.image_id: (request_id, result) for request_id, result in results}
     async with db.write() as conn:
-        completed = failed = 0
-        for result in results:
-            moved = await conn.execute(
-                update(t.images)
-                .where(
-                    (t.images.c.id == result.image_id)
-                    & (t.images.c.status == ImageStatus.PROCESSING.value)
-                )
-                .values(**_result_values(result))
-            )
-            if moved.rowcount != 1:
-                continue
-            if isinstance(result.outcome, ProcessedImage):
-                completed += 1
-            else:
-                failed += 1
-        if completed + failed == 0:
-            return False
-        counters = (
+        movable = (
             await conn.execute(
-                update(t.requests)
-                .where(t.requests.c.id == request_id)
-                .values(
-                    processing=t.requests.c.processing - (completed + failed),
-                    completed=t.requests.c.completed + completed,
-                    failed=t.requests.c.failed + failed,
-                    updated_at=utcnow(),
+                select(t.images.c.id)
+                .where(
+                    t.images.c.id.in_(by_id) & (t.images.c.status == ImageStatus.PROCESSING.value)
                 )
-                .returning(t.requests.c.pending, t.requests.c.processing)
+                .with_for_update()
             )
-        ).one()
-        if counters.pending or counters.processing:
-            return False
-        await _queue_finalize(conn, request_id)
-        return True
+        ).scalars()
+        moving = [by_id[image_id] for image_id in movable]
+        if not moving:
+            return []
+        now = utcnow()
+        await conn.execute(_RECORD, [_record_params(result, now) for _, result in moving])
+        counts: dict[str, list[int]] = {}
+        for request_id, result in moving:
+            done = counts.setdefault(request_id, [0, 0])
+            done[0 if isinstance(result.outcome, ProcessedImage) else 1] += 1
+        finished = []
+        for request_id, (completed, failed) in counts.items():
+            if await _count_terminal(conn, request_id, completed, failed, now):
+                await _queue_finalize(conn, request_id)
+                finished.append(request_id)
+        return finished
+
+
+async def _count_terminal(
+    conn: AsyncConnection, request_id: str, completed: int, failed: int, now: datetime
+) -> bool:
+    """Move the request's counters; True when no image is left pending or processing."""
+    counters = (
+        await conn.execute(
+            update(t.requests)
+            .where(t.requests.c.id == request_id)
+            .values(
+                processing=t.requests.c.processing - (completed + failed),
+                completed=t.requests.c.completed + completed,
+                failed=t.requests.c.failed + failed,
+                updated_at=now,
+            )
+            .returning(t.requests.c.pending, t.requests.c.processing)
+        )
+    ).one()
+    return counters.pending == 0 and counters.processing == 0
 
 
 async def _queue_finalize(conn: AsyncConnection, request_id: str) -> None:

@@ -124,7 +124,7 @@ class Fetcher:
     ) -> None:
         self.policy = policy
         self.limits = limits
-        self.trusted_prefixes = trusted_prefixes
+        self._trusted_prefixes = tuple(URL(prefix) for prefix in trusted_prefixes)
         self._resolver = resolver
         self._pool_size = pool_size
         self._sessions: dict[bool, aiohttp.ClientSession] = {}
@@ -154,14 +154,12 @@ class Fetcher:
             self._sessions[allow_private] = session
         return session
 
-    def _trusted(self, url: str) -> bool:
-        return any(url.startswith(prefix) for prefix in self.trusted_prefixes)
+    def _trusted(self, url: URL) -> bool:
+        return any(_within(url, prefix) for prefix in self._trusted_prefixes)
 
-    def _check_url(self, url: str, trusted: bool) -> ImageFailure | None:
-        reason = url_problem(url)
-        if reason:
-            return ImageFailure(ErrorCode.INVALID_URL, f"{reason}: {url}")
-        host = URL(url).raw_host or ""
+    def _check_address(self, target: URL, trusted: bool, url: str) -> ImageFailure | None:
+        """Refuse a literal IP host that the policy forbids (names are checked on resolve)."""
+        host = target.raw_host or ""
         address = parse_ip(host)
         if address is None:
             return None
@@ -188,11 +186,16 @@ class Fetcher:
 
     async def _follow(self, url: str) -> FetchOutcome:
         for _hop in range(self.limits.max_redirects + 1):
-            trusted = self._trusted(url)
-            refused = self._check_url(url, trusted)
+            reason = url_problem(url)
+            if reason:
+                return ImageFailure(ErrorCode.INVALID_URL, f"{reason}: {url}")
+            # Normalised once (dot segments resolved), then checked and requested as is.
+            target = URL(url)
+            trusted = self._trusted(target)
+            refused = self._check_address(target, trusted, url)
             if refused:
                 return refused
-            outcome = await self._get(url, trusted)
+            outcome = await self._get(target, trusted)
             if isinstance(outcome, str):
                 url = outcome
                 continue
@@ -203,11 +206,12 @@ class Fetcher:
             transient=False,
         )
 
-    async def _get(self, url: str, trusted: bool) -> FetchOutcome | str:
+    async def _get(self, target: URL, trusted: bool) -> FetchOutcome | str:
         """One request: a body, a failure, or the URL a redirect points to."""
         session = self._session(trusted)
+        url = str(target)
         try:
-            async with session.get(URL(url, encoded=True), allow_redirects=False) as response:
+            async with session.get(target, allow_redirects=False) as response:
                 if response.status in _REDIRECTS:
                     location = response.headers.get("Location")
                     if not location:
@@ -243,6 +247,18 @@ class Fetcher:
         for session in self._sessions.values():
             await session.close()
         self._sessions.clear()
+
+
+def _within(url: URL, prefix: URL) -> bool:
+    """Whether ``url`` lies under ``prefix``: same origin, and its path below the prefix's."""
+    if (url.scheme, (url.host or "").lower(), url.port) != (
+        prefix.scheme,
+        (prefix.host or "").lower(),
+        prefix.port,
+    ):
+        return False
+    base = prefix.path if prefix.path.endswith("/") else prefix.path + "/"
+    return url.path == prefix.path or url.path.startswith(base)
 
 
 def _too_large(url: str, limit: int, why: str) -> ImageFailure:

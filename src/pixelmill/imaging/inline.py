@@ -60,7 +60,9 @@ class InlineImaging:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="pixelmill-imaging")
         # Bounds the decoded images held in memory: those in the pool plus a few queued.
         self._cpu_slots = asyncio.Semaphore(threads * 2)
+        # Parallelism comes from one image per thread; libvips threads would only contend.
         pyvips.cache_set_max(0)
+        pyvips.concurrency_set(1)
 
     async def process(
         self, source_url: str, options: ProcessingOptions, output_stem: str

@@ -116,13 +116,19 @@ def _step_sniff(data: bytes) -> str:
     return source_format
 
 
+def _fail_on(source_format: str) -> str:
+    """How strict decoding is: JPEGs often carry harmless warnings, but libvips reports
+    a TIFF with missing strips only as a warning, so TIFF fails on any error."""
+    return "error" if source_format == "tiff" else "truncated"
+
+
 def _load(data: bytes, source_format: str, **options: Any) -> pyvips.Image:
     """Open ``data`` lazily (header only; pixels are decoded when needed)."""
     try:
         if source_format == "bmp":
             return _load_with_pillow(data)
         return pyvips.Image.new_from_buffer(
-            data, "", access="sequential", fail_on="truncated", **options
+            data, "", access="sequential", fail_on=_fail_on(source_format), **options
         )
     except pyvips.Error as exc:
         raise _fail(
@@ -175,7 +181,11 @@ def _step_decode(
     if (max_w < width or max_h < height) and source_format != "bmp":
         try:
             return pyvips.Image.thumbnail_buffer(
-                data, max_w, height=max_h, size="down", option_string="fail_on=truncated"
+                data,
+                max_w,
+                height=max_h,
+                size="down",
+                option_string=f"fail_on={_fail_on(source_format)}",
             )
         except pyvips.Error as exc:
             raise _fail(ErrorCode.CORRUPT_IMAGE, f"cannot decode: {_vips_reason(exc)}") from None

@@ -22,6 +22,8 @@ def open_queue(settings: Settings, db: Database, *, owner: str) -> Queue:
             owner=owner,
             lease_seconds=settings.lease_seconds,
             poll_interval=settings.poll_interval,
+            # Workers give up on a task themselves (see Worker); this is the backstop.
+            max_attempts=settings.task_attempts * 4,
         )
     raise ValueError(
         f"PIXELMILL_QUEUE_URL={settings.queue_url!r}: unsupported scheme {scheme!r}; use db://"

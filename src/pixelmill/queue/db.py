@@ -46,11 +46,12 @@ class DbQueue:
     async def receive(self, timeout: float) -> TaskMessage | None:
         deadline = time.monotonic() + timeout
         while True:
+            # Cleared before looking, so a wake() during the look is not lost.
+            self._wakeup.clear()
             message = await self._claim()
             remaining = deadline - time.monotonic()
             if message or remaining <= 0:
                 return message
-            self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), min(self.poll_interval, remaining))
 
@@ -66,6 +67,10 @@ class DbQueue:
             .order_by(t_tasks.c.priority, t_tasks.c.id)
             .limit(1)
         )
+        # Idle workers poll: a plain read (no write lock) tells whether to try a claim.
+        async with self.db.read() as conn:
+            if (await conn.execute(candidate)).first() is None:
+                return None
         if not self.db.is_sqlite:
             candidate = candidate.with_for_update(skip_locked=True)
         statement = (
