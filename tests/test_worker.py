@@ -86,7 +86,7 @@ async def test_concurrent_requests_are_counted_exactly(
             )
         )
         for request_id in request_ids:
-            row = await async_wait_until(lambda: _finished(runtime, request_id), timeout=60)
+            row = await async_wait_until(lambda rid=request_id: _finished(runtime, rid), timeout=60)
             assert (row.status, row.completed, row.failed, row.pending, row.processing) == (
                 "completed", 20, 0, 0, 0,
             )  # fmt: skip

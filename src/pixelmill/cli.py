@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +23,17 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 console = Console(stderr=True)
+
+
+class FormatChoice(StrEnum):
+    """Output formats ``process --format`` accepts (DESIGN.md)."""
+
+    KEEP = "keep"
+    JPEG = "jpeg"
+    WEBP = "webp"
+    PNG = "png"
+    AVIF = "avif"
+
 
 HostOption = Annotated[str, typer.Option(help="Address to listen on.")]
 ServerOption = Annotated[
@@ -103,7 +115,7 @@ def worker(
 async def _run_worker(settings: Settings) -> None:
     from pixelmill.runtime import Runtime
 
-    runtime = await Runtime.open(settings)
+    runtime = await Runtime.open(settings, migrate=True)
     worker = runtime.start_worker()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -119,7 +131,9 @@ def process(
     quality: Annotated[int, typer.Option(min=1, max=100)] = 50,
     max_width: Annotated[int | None, typer.Option(min=1)] = None,
     max_height: Annotated[int | None, typer.Option(min=1)] = None,
-    image_format: Annotated[str, typer.Option("--format")] = "keep",
+    image_format: Annotated[
+        FormatChoice, typer.Option("--format", help="Output format.")
+    ] = FormatChoice.KEEP,
 ) -> None:
     """One shot, no server: the whole pipeline in this process, results in OUT."""
     from pixelmill.oneshot import run_oneshot
@@ -127,7 +141,9 @@ def process(
     _logging("WARNING")
     settings = _settings()
     code = asyncio.run(
-        run_oneshot(settings, file, out, console, quality, max_width, max_height, image_format)
+        run_oneshot(
+            settings, file, out, console, quality, max_width, max_height, image_format.value
+        )
     )
     raise typer.Exit(code)
 

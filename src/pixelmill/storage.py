@@ -70,6 +70,7 @@ class LocalStorage:
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; stored objects are public
             os.replace(tmp, target)
         except OSError as exc:
             raise StorageError(f"cannot write {target}: {exc.strerror or exc}") from exc
@@ -78,6 +79,7 @@ class LocalStorage:
     def _move_or_copy(source: Path, target: Path) -> None:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(source, 0o644)
             os.replace(source, target)
         except OSError:
             LocalStorage._write(target, source.read_bytes())

@@ -17,6 +17,7 @@ from PIL import Image
 
 from pixelmill.domain import ErrorCode, ImageFailure, ProcessingOptions
 from pixelmill.imaging.quality import estimate_jpeg_quality
+from pixelmill.imaging.strip import without_metadata
 
 LOSSLESS_SOURCES = frozenset({"png", "gif", "tiff", "bmp"})
 _KEEP_FORMAT = {
@@ -122,26 +123,37 @@ def _fail_on(source_format: str) -> str:
     return "error" if source_format == "tiff" else "truncated"
 
 
-def _load(data: bytes, source_format: str, **options: Any) -> pyvips.Image:
+def _load(data: bytes, source_format: str, limits: ImageLimits) -> pyvips.Image:
     """Open ``data`` lazily (header only; pixels are decoded when needed)."""
+    if source_format == "bmp":
+        return _load_with_pillow(data, limits)
     try:
-        if source_format == "bmp":
-            return _load_with_pillow(data)
         return pyvips.Image.new_from_buffer(
-            data, "", access="sequential", fail_on=_fail_on(source_format), **options
+            data, "", access="sequential", fail_on=_fail_on(source_format)
         )
     except pyvips.Error as exc:
+        reason = _vips_reason(exc)
+        if source_format == "heif":
+            # The bundled libvips reads AVIF but not every HEIF codec (HEVC).
+            raise _fail(
+                ErrorCode.UNSUPPORTED_FORMAT, f"this HEIF variant cannot be decoded: {reason}"
+            ) from None
         raise _fail(
-            ErrorCode.CORRUPT_IMAGE, f"cannot decode the {source_format}: {_vips_reason(exc)}"
+            ErrorCode.CORRUPT_IMAGE, f"cannot decode the {source_format}: {reason}"
         ) from None
 
 
-def _load_with_pillow(data: bytes) -> pyvips.Image:
+def _load_with_pillow(data: bytes, limits: ImageLimits) -> pyvips.Image:
     """BMP, which libvips reads only through ImageMagick, decoded by Pillow instead."""
     try:
         with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > limits.max_pixels:
+                raise _too_many_pixels(width, height, limits)
             image.load()
             rgb = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    except _Failed:
+        raise
     except Exception as exc:
         raise _fail(ErrorCode.CORRUPT_IMAGE, f"cannot decode the bmp: {exc}") from None
     return pyvips.Image.new_from_memory(
@@ -154,19 +166,25 @@ def _vips_reason(exc: pyvips.Error) -> str:
     return detail[-1] if detail else "unknown error"
 
 
+def _too_many_pixels(width: int, height: int, limits: ImageLimits) -> _Failed:
+    return _fail(
+        ErrorCode.TOO_MANY_PIXELS,
+        f"{width}x{height} is {width * height / 1e6:.1f} MP; "
+        f"the limit is {limits.max_pixels / 1e6:.1f} MP",
+    )
+
+
 def _step_check_pixels(image: pyvips.Image, limits: ImageLimits) -> None:
-    pixels = image.width * image.height
-    if pixels > limits.max_pixels:
-        raise _fail(
-            ErrorCode.TOO_MANY_PIXELS,
-            f"{image.width}x{image.height} is {pixels / 1e6:.1f} MP; "
-            f"the limit is {limits.max_pixels / 1e6:.1f} MP",
-        )
+    if image.width * image.height > limits.max_pixels:
+        raise _too_many_pixels(image.width, image.height, limits)
+
+
+def _orientation(image: pyvips.Image) -> int:
+    return int(image.get("orientation")) if image.get_typeof("orientation") else 1
 
 
 def _oriented_size(image: pyvips.Image) -> tuple[int, int]:
-    orientation = image.get("orientation") if image.get_typeof("orientation") else 1
-    if orientation in (5, 6, 7, 8):
+    if _orientation(image) in (5, 6, 7, 8):
         return image.height, image.width
     return image.width, image.height
 
@@ -254,7 +272,7 @@ def process_image(
     """Run the whole pipeline on the bytes of one source image."""
     try:
         source_format = _step_sniff(data)
-        header = _load(data, source_format)
+        header = _load(data, source_format, limits)
         _step_check_pixels(header, limits)
         _check_deadline(deadline)
         source_quality, output_quality = _qualities(data, source_format, options, limits)
@@ -284,17 +302,21 @@ def _never_larger(
     output_quality: int,
     options: ProcessingOptions,
 ) -> EncodedImage:
-    """Keep the source bytes when re-encoding would not make the image smaller.
+    """Keep the source (metadata stripped) when re-encoding would not make it smaller.
 
-    Only when the source already meets the options (same format, within the size
-    bounds): otherwise the caller asked for a change that the source does not have.
+    The stripped source is compared with the re-encoded image, so an output is never
+    larger than the source except where stripping is impossible (below).
+
+    Not when the source had to be shrunk to fit the size bounds, nor for formats whose
+    metadata cannot be removed losslessly (GIF, TIFF, BMP, HEIF, WebP with EXIF/XMP).
+    A JPEG keeps its EXIF orientation, alone, so it is still displayed upright.
     """
     source_width, source_height = _oriented_size(header)
     source_fits = image.width == source_width and image.height == source_height
-    same_format = _KEEP_FORMAT.get(source_format) == output_format == source_format
-    if len(encoded) >= len(data) and source_fits and same_format:
+    kept = without_metadata(data, source_format, _orientation(header)) if source_fits else None
+    if kept is not None and len(kept) <= len(encoded):
         return EncodedImage(
-            data, source_format, source_width, source_height, len(data),
+            kept, source_format, source_width, source_height, len(data),
             source_quality, source_quality, kept_source=True,
         )  # fmt: skip
     return EncodedImage(

@@ -1,0 +1,97 @@
+"""Remove metadata from source bytes without re-encoding them.
+
+Used when pixelmill keeps a source because re-encoding would not make it smaller:
+the pixels stay bit for bit, but EXIF (GPS, camera serials), XMP, IPTC and comments go.
+The colour profile stays, as it does in re-encoded outputs.
+"""
+
+from __future__ import annotations
+
+import struct
+
+# JPEG markers that carry metadata: APP1 (EXIF, XMP), APP13 (IPTC), COM.
+_JPEG_DROPPED = {0xE1, 0xED, 0xFE}
+_JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM and RSTn have no length
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_DROPPED = {b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"}
+_WEBP_METADATA_FLAGS = 0x08 | 0x04  # EXIF and XMP bits of the VP8X chunk
+
+
+def orientation_segment(orientation: int) -> bytes:
+    """A minimal EXIF APP1 segment holding only the orientation tag."""
+    tiff = b"MM\x00*" + struct.pack(">I", 8)
+    ifd = struct.pack(">H", 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0)
+    payload = b"Exif\x00\x00" + tiff + ifd + struct.pack(">I", 0)
+    return b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+
+
+def strip_jpeg(data: bytes, orientation: int = 1) -> bytes | None:
+    """``data`` without its metadata segments, or None if the file cannot be walked.
+
+    An orientation other than 1 is written back in a minimal EXIF segment, so the
+    image is still displayed the right way up.
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    out = [data[:2]]
+    if orientation != 1:
+        out.append(orientation_segment(orientation))
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            out.append(data[pos : pos + 2])
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        end = pos + 2 + length
+        if marker == 0xDA:  # start of scan: the rest is image data
+            out.append(data[pos:])
+            return b"".join(out)
+        if marker not in _JPEG_DROPPED:
+            out.append(data[pos:end])
+        pos = end
+    return None
+
+
+def strip_png(data: bytes) -> bytes | None:
+    """``data`` without its text, EXIF and time chunks, or None if it cannot be walked."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    out = [_PNG_SIGNATURE]
+    pos = len(_PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        end = pos + 12 + length
+        if end > len(data):
+            return None
+        if kind not in _PNG_DROPPED:
+            out.append(data[pos:end])
+        pos = end
+        if kind == b"IEND":
+            return b"".join(out)
+    return None
+
+
+def webp_has_metadata(data: bytes) -> bool:
+    """Whether an extended WebP declares EXIF or XMP chunks."""
+    return data[12:16] == b"VP8X" and bool(data[20] & _WEBP_METADATA_FLAGS)
+
+
+def without_metadata(data: bytes, image_format: str, orientation: int = 1) -> bytes | None:
+    """The source without metadata, or None when that cannot be done losslessly."""
+    if image_format == "jpeg":
+        return strip_jpeg(data, orientation)
+    if orientation != 1:
+        return None
+    if image_format == "png":
+        return strip_png(data)
+    if image_format == "webp" and len(data) > 20 and not webp_has_metadata(data):
+        return data
+    return None

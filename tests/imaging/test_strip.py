@@ -1,0 +1,83 @@
+"""Kept sources lose their metadata, not their pixels nor their orientation."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pyvips
+from PIL import Image, PngImagePlugin
+
+from pixelmill.domain import ProcessingOptions
+from pixelmill.imaging.ops import EncodedImage, ImageLimits, process_image
+from pixelmill.imaging.strip import strip_jpeg, strip_png, without_metadata
+
+
+def _tiny_jpeg_with_metadata(orientation: int = 1) -> bytes:
+    """A small low-quality JPEG that re-encoding cannot shrink, full of metadata."""
+    image = Image.effect_noise((64, 48), 60).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif[0x010F] = "SecretCam"  # camera make
+    exif[0x9286] = "GPS 51.5N 0.1W"  # user comment
+    out = io.BytesIO()
+    image.save(
+        out,
+        "JPEG",
+        quality=20,
+        optimize=True,
+        progressive=True,
+        exif=exif.tobytes(),
+        comment=b"private note",
+    )
+    return out.getvalue()
+
+
+def _pixels(data: bytes) -> bytes:
+    return bytes(pyvips.Image.new_from_buffer(data, "").autorot().write_to_memory())
+
+
+def test_jpeg_metadata_is_removed_and_pixels_are_untouched() -> None:
+    source = _tiny_jpeg_with_metadata()
+    stripped = strip_jpeg(source)
+    assert stripped is not None and len(stripped) < len(source)
+    for secret in (b"SecretCam", b"GPS 51.5N", b"private note", b"Exif"):
+        assert secret in source and secret not in stripped
+    assert _pixels(stripped) == _pixels(source)
+
+
+def test_jpeg_orientation_survives_alone() -> None:
+    source = _tiny_jpeg_with_metadata(orientation=6)
+    stripped = strip_jpeg(source, orientation=6)
+    assert stripped is not None and b"SecretCam" not in stripped
+    with Image.open(io.BytesIO(stripped)) as image:
+        assert image.getexif()[0x0112] == 6
+    assert _pixels(stripped) == _pixels(source)
+    assert pyvips.Image.new_from_buffer(stripped, "").autorot().width == 48
+
+
+def test_png_text_chunks_are_removed() -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Author", "Someone Private")
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(out, "PNG", pnginfo=info)
+    source = out.getvalue()
+    stripped = strip_png(source)
+    assert stripped is not None and b"Someone Private" not in stripped
+    assert _pixels(stripped) == _pixels(source)
+
+
+def test_unwalkable_data_is_not_kept() -> None:
+    assert strip_jpeg(b"\xff\xd8\x00garbage") is None
+    assert strip_png(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xffIHDR") is None
+    assert without_metadata(b"GIF89a....", "gif") is None
+
+
+def test_kept_source_carries_no_metadata() -> None:
+    source = _tiny_jpeg_with_metadata(orientation=6)
+    options = ProcessingOptions(quality=100)  # same quality: re-encoding cannot win
+    result = process_image(source, options, ImageLimits(), time.monotonic() + 30)
+    assert isinstance(result, EncodedImage) and result.kept_source
+    assert b"SecretCam" not in result.data and b"private note" not in result.data
+    assert (result.width, result.height) == (48, 64), "displayed size, orientation applied"
+    assert len(result.data) < len(source)
