@@ -116,8 +116,14 @@ def _preview(value: str) -> str:
     return value if len(value) <= _VALUE_PREVIEW else value[: _VALUE_PREVIEW - 1] + "…"
 
 
+# The usual shape of a catalogue URL (no port, no '@', no spaces), accepted without parsing.
+_PLAIN_URL = re.compile(r"https?://[A-Za-z0-9.-]+(?:[/?#][^\s@]*)?")
+
+
 def url_problem(url: str) -> str | None:
     """Why ``url`` cannot be an image source, or None when it is acceptable."""
+    if len(url) <= MAX_URL_LENGTH and _PLAIN_URL.fullmatch(url):
+        return None
     if len(url) > MAX_URL_LENGTH:
         return f"URL longer than {MAX_URL_LENGTH} characters"
     if any(ch.isspace() for ch in url):
@@ -160,13 +166,14 @@ def _sniff_binary(head: bytes) -> None:
         )
 
 
+_INTEGER = re.compile(r"[+-]?\d+")
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 
 
 def _checked_lines(text: io.TextIOWrapper) -> Iterator[str]:
     """The physical lines of ``text``; refuses the first one that is not valid UTF-8."""
     for number, line in enumerate(text, start=1):
-        if _UNDECODABLE.search(line):
+        if not line.isascii() and _UNDECODABLE.search(line):
             raise CsvRejected(
                 415,
                 "unsupported_encoding",
@@ -174,6 +181,11 @@ def _checked_lines(text: io.TextIOWrapper) -> Iterator[str]:
                 [CsvProblem(number, None, "not valid UTF-8")],
             )
         yield line
+
+
+def _has_content(record: list[str]) -> bool:
+    """Whether a record is more than a blank line (or a line of empty cells)."""
+    return bool(record) and (bool(record[0].strip()) or any(cell.strip() for cell in record))
 
 
 class CsvReader:
@@ -209,7 +221,7 @@ class CsvReader:
 
     def _read_header(self) -> None:
         record = self._next_record()
-        while record is not None and not any(cell.strip() for cell in record):
+        while record is not None and not _has_content(record):
             record = self._next_record()
         if record is None:
             raise CsvRejected(
@@ -240,14 +252,14 @@ class CsvReader:
     def rows(self) -> Iterator[ParsedRow]:
         """Every non-blank row in file order, each with the problems found in it."""
         index = 0
-        seen_serials: set[str] = set()
+        seen_serials: set[int] = set()  # ints: a fraction of the memory of strings
         width = len(self.header)
         while True:
             start_line = self._reader.line_num + 1
             record = self._next_record()
             if record is None:
                 return
-            if not any(cell.strip() for cell in record):
+            if not _has_content(record):
                 continue
             if index >= self.limits.max_rows:
                 raise CsvRejected(
@@ -261,7 +273,7 @@ class CsvReader:
             yield row
 
     def _parse_row(
-        self, index: int, line: int, record: list[str], width: int, seen_serials: set[str]
+        self, index: int, line: int, record: list[str], width: int, seen_serials: set[int]
     ) -> ParsedRow:
         problems: list[CsvProblem] = []
         if len(record) > width:
@@ -274,16 +286,16 @@ class CsvReader:
         url_cell = cells[self.columns[INPUT_URLS]]
         if not serial:
             problems.append(CsvProblem(line, "S. No.", "serial number is empty"))
-        elif not re.fullmatch(r"[+-]?\d+", serial):
+        elif not _INTEGER.fullmatch(serial):
             problems.append(
                 CsvProblem(line, "S. No.", "serial number is not an integer", _preview(serial))
             )
-        elif serial in seen_serials or str(int(serial)) in seen_serials:
+        elif (number := int(serial)) in seen_serials:
             problems.append(
                 CsvProblem(line, "S. No.", "serial number is used by an earlier row", serial)
             )
         else:
-            seen_serials.add(str(int(serial)))
+            seen_serials.add(number)
         if not name:
             problems.append(CsvProblem(line, "Product Name", "product name is empty"))
         urls = split_urls(url_cell)

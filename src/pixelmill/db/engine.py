@@ -64,7 +64,10 @@ class Database:
         driver_url = async_url(url)
         if self.is_sqlite:
             ensure_sqlite_dir(url)
-            self.writer = self._sqlite_engine(driver_url, "BEGIN IMMEDIATE", pool_size=2)
+            # The writers' page cache is large: big uploads update large indexes.
+            self.writer = self._sqlite_engine(
+                driver_url, "BEGIN IMMEDIATE", pool_size=2, cache_kib=65536
+            )
             self.reader = self._sqlite_engine(driver_url, "BEGIN", pool_size=pool_size)
         else:
             self.writer = create_async_engine(
@@ -74,9 +77,16 @@ class Database:
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
 
     @staticmethod
-    def _sqlite_engine(url: str, begin: str, *, pool_size: int) -> AsyncEngine:
+    def _sqlite_engine(
+        url: str, begin: str, *, pool_size: int, cache_kib: int = 2048
+    ) -> AsyncEngine:
         engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+
+        def _cache(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.cursor().execute(f"PRAGMA cache_size=-{cache_kib}")
+
+        event.listen(engine.sync_engine, "connect", _cache)
 
         def _begin(conn: Any) -> None:
             conn.exec_driver_sql(begin)

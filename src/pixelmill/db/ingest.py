@@ -1,23 +1,27 @@
-"""Stage an uploaded CSV: validate it whole, then store it in one transaction.
+"""Stage an uploaded CSV: validate it while storing it, in one transaction.
 
-The file is read twice from disk, never held in memory: once to validate every row
-(nothing is stored if any row is wrong), once to insert the request, its products,
-its images and its tasks in batches inside a single transaction. The tasks written
-here are the queue's outbox: no work can be lost between this commit and a worker.
+The file is read once from disk and never held in memory: rows are parsed in batches
+on a thread while the previous batch is inserted, and every row is validated as it
+goes. The request, its products, its images and its tasks are committed together,
+or, if any row is wrong, nothing is (the transaction is rolled back and every problem
+found, up to 100, is reported). The tasks written here are the queue's outbox: no work
+can be lost between this commit and a worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import Table, bindparam, insert
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pixelmill.csvio import MAX_PROBLEMS, CsvLimits, CsvProblem, CsvReader, CsvRejected, ParsedRow
 from pixelmill.db import tables as t
@@ -26,14 +30,13 @@ from pixelmill.db.engine import Database
 from pixelmill.domain import ImageStatus, ProcessingOptions, RequestStatus, TaskKind
 
 PROCESS_PRIORITY = 1
-
-
-@dataclass(frozen=True)
-class CsvSummary:
-    """What a valid file holds."""
-
-    products: int
-    images: int
+_PRODUCT_COLUMNS = ("request_id", "row_index", "line", "serial_number", "product_name", "cells")
+_IMAGE_COLUMNS = ("request_id", "row_index", "position", "input_url", "status", "attempts")
+_TASK_COLUMNS = (
+    "request_id", "kind", "seq", "first_row", "last_row", "image_count", "state",
+    "priority", "attempts", "available_at", "created_at",
+)  # fmt: skip
+_RAW_TABLES = {"products": (t.products, _PRODUCT_COLUMNS), "images": (t.images, _IMAGE_COLUMNS)}
 
 
 @dataclass(frozen=True)
@@ -46,51 +49,32 @@ class AcceptedRequest:
     tasks: int
 
 
-def validate_csv(path: Path, limits: CsvLimits) -> CsvSummary:
-    """Read the whole file; raise :class:`CsvRejected` listing its problems (up to 100)."""
-    problems: list[CsvProblem] = []
-    total_problems = 0
-    products = images = 0
-    with path.open("rb") as stream:
-        reader = CsvReader(stream, limits)
-        for row in reader.rows():
-            products += 1
-            images += len(row.urls)
-            if row.problems:
-                total_problems += len(row.problems)
-                problems.extend(row.problems[: MAX_PROBLEMS - len(problems)])
-    if total_problems:
-        raise CsvRejected(
-            422,
-            "invalid_csv",
-            f"{total_problems} problem(s) found in the file; nothing was stored",
-            problems,
-            total_problems,
-        )
-    if products == 0:
-        raise CsvRejected(
-            422,
-            "empty_csv",
-            "the file has a header but no product rows",
-            [CsvProblem(1, None, "no rows after the header")],
-        )
-    return CsvSummary(products, images)
+@dataclass
+class _Problems:
+    """Problems found so far: the first 100, and how many in all."""
+
+    shown: list[CsvProblem] = field(default_factory=list)
+    total: int = 0
+
+    def add(self, problems: list[CsvProblem]) -> None:
+        self.total += len(problems)
+        self.shown.extend(problems[: MAX_PROBLEMS - len(self.shown)])
 
 
 class _TaskBlocks:
     """Cuts consecutive rows into tasks of at most ``max_images`` images each."""
 
-    def __init__(self, request_id: str, max_images: int, now: float) -> None:
+    def __init__(self, request_id: str, max_images: int) -> None:
         self.request_id = request_id
         self.max_images = max_images
-        self.now = now
+        self.now = time.time()
         self.created_at = utcnow()
         self.count = 0
         self._first: int | None = None
         self._last = 0
         self._images = 0
 
-    def add(self, row: ParsedRow) -> dict[str, Any] | None:
+    def add(self, row: ParsedRow) -> tuple[Any, ...] | None:
         """Add a row; returns a finished task when the row does not fit in the open one."""
         finished = None
         if self._first is not None and self._images + len(row.urls) > self.max_images:
@@ -101,37 +85,60 @@ class _TaskBlocks:
         self._images += len(row.urls)
         return finished
 
-    def close(self) -> dict[str, Any] | None:
+    def close(self) -> tuple[Any, ...] | None:
+        """The open task, if any, as a row of ``_TASK_COLUMNS``."""
         if self._first is None:
             return None
-        task = {
-            "request_id": self.request_id,
-            "kind": TaskKind.PROCESS.value,
-            "seq": self.count,
-            "first_row": self._first,
-            "last_row": self._last,
-            "image_count": self._images,
-            "state": "queued",
-            "priority": PROCESS_PRIORITY,
-            "attempts": 0,
-            "available_at": self.now,
-            "created_at": self.created_at,
-        }
+        task = (
+            self.request_id, TaskKind.PROCESS.value, self.count, self._first, self._last,
+            self._images, "queued", PROCESS_PRIORITY, 0, self.now, self.created_at,
+        )  # fmt: skip
         self.count += 1
         self._first, self._images = None, 0
         return task
 
 
-def _batches(path: Path, limits: CsvLimits, size: int) -> Iterator[list[ParsedRow]]:
-    with path.open("rb") as stream:
-        rows = CsvReader(stream, limits).rows()
-        while batch := list(islice(rows, size)):
-            yield batch
+@dataclass
+class _Batch:
+    """One batch of parsed rows, turned into the rows of each table."""
+
+    products: list[tuple[Any, ...]] = field(default_factory=list)
+    images: list[tuple[Any, ...]] = field(default_factory=list)
+    tasks: list[tuple[Any, ...]] = field(default_factory=list)
+    problems: list[CsvProblem] = field(default_factory=list)
 
 
-def _header(path: Path, limits: CsvLimits) -> list[str]:
-    with path.open("rb") as stream:
-        return CsvReader(stream, limits).header
+def _batches(
+    reader: CsvReader, request_id: str, blocks: _TaskBlocks, size: int
+) -> Iterator[_Batch]:
+    rows = reader.rows()
+    pending = ImageStatus.PENDING.value
+    while parsed := list(islice(rows, size)):
+        batch = _Batch()
+        for row in parsed:
+            if row.problems:
+                batch.problems.extend(row.problems)
+                continue
+            batch.products.append(
+                (request_id, row.index, row.line, row.serial_number, row.product_name,
+                 json.dumps(row.cells, ensure_ascii=False))
+            )  # fmt: skip
+            batch.images.extend(
+                (request_id, row.index, position, url, pending, 0)
+                for position, url in enumerate(row.urls, start=1)
+            )
+            task = blocks.add(row)
+            if task:
+                batch.tasks.append(task)
+        yield batch
+
+
+def _insert_sql(conn: AsyncConnection, table: Table, columns: tuple[str, ...]) -> str:
+    """A positional INSERT in the driver's own parameter style, for raw executemany."""
+    statement = insert(table).values({name: bindparam(name) for name in columns})
+    compiled = statement.compile(dialect=conn.dialect)
+    assert compiled.positiontup == list(columns)
+    return str(compiled)
 
 
 async def stage_request(
@@ -146,71 +153,83 @@ async def stage_request(
     batch_rows: int = 2000,
 ) -> AcceptedRequest:
     """Validate the CSV at ``path`` and store it as a new request, all or nothing."""
-    summary = await asyncio.to_thread(validate_csv, path, limits)
-    header = await asyncio.to_thread(_header, path, limits)
     request_id = uuid.uuid4().hex
-    now = utcnow()
-    blocks = _TaskBlocks(request_id, task_max_images, time.time())
-    batches = _batches(path, limits, batch_rows)
-    async with db.write() as conn:
+    with path.open("rb") as stream:
+        reader = await asyncio.to_thread(CsvReader, stream, limits)
+        blocks = _TaskBlocks(request_id, task_max_images)
+        batches = _batches(reader, request_id, blocks, batch_rows)
+        async with db.write() as conn:
+            products, images = await _store_batches(conn, batches, blocks)
+            await conn.execute(
+                insert(t.requests).values(
+                    id=request_id,
+                    owner=owner,
+                    status=RequestStatus.PENDING.value,
+                    options=options.as_dict(),
+                    header=reader.header,
+                    webhook_url=webhook_url,
+                    products=products,
+                    total=images,
+                    pending=images,
+                    processing=0,
+                    completed=0,
+                    failed=0,
+                    created_at=blocks.created_at,
+                    updated_at=blocks.created_at,
+                )
+            )
+    return AcceptedRequest(request_id, products, images, blocks.count)
+
+
+async def _insert_tasks(conn: AsyncConnection, tasks: list[tuple[Any, ...]]) -> None:
+    if tasks:
         await conn.execute(
-            insert(t.requests).values(
-                id=request_id,
-                owner=owner,
-                status=RequestStatus.PENDING.value,
-                options=options.as_dict(),
-                header=header,
-                webhook_url=webhook_url,
-                products=summary.products,
-                total=summary.images,
-                pending=summary.images,
-                processing=0,
-                completed=0,
-                failed=0,
-                created_at=now,
-                updated_at=now,
-            )
+            insert(t.tasks), [dict(zip(_TASK_COLUMNS, task, strict=True)) for task in tasks]
         )
-        while batch := await asyncio.to_thread(next, batches, None):
-            products, images, tasks = _rows_to_records(request_id, batch, blocks)
-            await conn.execute(insert(t.products), products)
-            await conn.execute(insert(t.images), images)
-            if tasks:
-                await conn.execute(insert(t.tasks), tasks)
+
+
+async def _store_batches(
+    conn: AsyncConnection, batches: Iterator[_Batch], blocks: _TaskBlocks
+) -> tuple[int, int]:
+    """Insert every batch while the next one is parsed; raise if any row was wrong."""
+    # Products and images, by far the most rows, go straight to the driver; tasks (one
+    # per block of rows) go through SQLAlchemy, which also converts their timestamps.
+    sql = {
+        name: _insert_sql(conn, table, columns) for name, (table, columns) in _RAW_TABLES.items()
+    }
+    problems = _Problems()
+    products = images = 0
+    upcoming = asyncio.ensure_future(asyncio.to_thread(next, batches, None))
+    try:
+        while (batch := await upcoming) is not None:
+            upcoming = asyncio.ensure_future(asyncio.to_thread(next, batches, None))
+            problems.add(batch.problems)
+            if problems.total:
+                continue  # keep reading to report every problem; store nothing more
+            products += len(batch.products)
+            images += len(batch.images)
+            await conn.exec_driver_sql(sql["products"], batch.products)
+            await conn.exec_driver_sql(sql["images"], batch.images)
+            await _insert_tasks(conn, batch.tasks)
         last = blocks.close()
-        if last:
-            await conn.execute(insert(t.tasks), [last])
-    return AcceptedRequest(request_id, summary.products, summary.images, blocks.count)
-
-
-def _rows_to_records(
-    request_id: str, batch: list[ParsedRow], blocks: _TaskBlocks
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    products, images, tasks = [], [], []
-    pending = ImageStatus.PENDING.value
-    for row in batch:
-        products.append(
-            {
-                "request_id": request_id,
-                "row_index": row.index,
-                "line": row.line,
-                "serial_number": row.serial_number,
-                "product_name": row.product_name,
-                "cells": row.cells,
-            }
+        if last and not problems.total:
+            await _insert_tasks(conn, [last])
+    finally:
+        if not upcoming.done():
+            await asyncio.gather(upcoming, return_exceptions=True)
+    if problems.total:
+        raise CsvRejected(
+            422,
+            "invalid_csv",
+            f"{problems.total} problem(s) found in the file; nothing was stored",
+            problems.shown,
+            problems.total,
         )
-        for position, url in enumerate(row.urls, start=1):
-            images.append(
-                {
-                    "request_id": request_id,
-                    "row_index": row.index,
-                    "position": position,
-                    "input_url": url,
-                    "status": pending,
-                    "attempts": 0,
-                }
-            )
-        task = blocks.add(row)
-        if task:
-            tasks.append(task)
-    return products, images, tasks
+    if products == 0:
+        raise CsvRejected(
+            422,
+            "empty_csv",
+            "the file has a header but no product rows",
+            [CsvProblem(1, None, "no rows after the header")],
+        )
+    return products, images
