@@ -21,6 +21,21 @@ def _split_list(value: object) -> object:
     return value
 
 
+# Delays before the 2nd, 3rd, ... attempt of a webhook: 12 attempts over about 3 days.
+DEFAULT_WEBHOOK_SCHEDULE = (5, 30, 120, 600, 1800, 3600, 10800, 21600, 43200, 86400, 86400)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _seconds(value: object) -> object:
+    """``90``, ``"90"``, ``"1.5m"``, ``"2h"`` or ``"3d"`` as seconds; other values as given."""
+    if isinstance(value, str) and value and value[-1].lower() in _UNITS:
+        try:
+            return float(value[:-1]) * _UNITS[value[-1].lower()]
+        except ValueError:
+            return value
+    return value
+
+
 class Settings(BaseSettings):
     """Every setting of pixelmill, with the embedded defaults of DESIGN.md."""
 
@@ -66,10 +81,49 @@ class Settings(BaseSettings):
     user_agent: str = "pixelmill/0.1 (+https://github.com/pixelmill/pixelmill)"
     min_output_quality: int = Field(default=10, ge=1, le=100)
 
+    # The HTTP imaging service (``pixelmill imaging``) and its client in the worker
+    imaging_max_in_flight: int = Field(default_factory=lambda: 4 * (os.cpu_count() or 1), ge=1)
+    imaging_token: str = ""  # shared secret: ``Authorization: Bearer TOKEN`` on both sides
+    imaging_patience_seconds: float = Field(default=60.0, ge=0)
+    imaging_request_timeout: float = Field(default=90.0, gt=0)
+    imaging_skip_seconds: float = Field(default=5.0, ge=0)
+
+    # Webhooks (see docs/webhooks.md)
+    webhook_timeout: float = Field(default=15.0, gt=0)
+    webhook_schedule: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [float(d) for d in DEFAULT_WEBHOOK_SCHEDULE], min_length=1
+    )
+    webhook_jitter: float = Field(default=0.2, ge=0, lt=1)
+    webhook_concurrency: int = Field(default=8, ge=1)
+
     @field_validator("trusted_source_prefixes", "api_keys", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
+
+    @field_validator("webhook_schedule", mode="before")
+    @classmethod
+    def _schedule(cls, value: object) -> object:
+        listed = _split_list(value)
+        if isinstance(listed, list):
+            return [_seconds(item) for item in listed]
+        return listed
+
+    @field_validator("webhook_schedule")
+    @classmethod
+    def _positive_delays(cls, value: list[float]) -> list[float]:
+        if any(delay <= 0 for delay in value):
+            raise ValueError("every delay of the webhook schedule must be more than 0 seconds")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _secrets(cls, value: str) -> str:
+        from pixelmill.webhooks.signing import parse_secrets
+
+        if value.strip():
+            parse_secrets(value)  # a malformed secret is refused when the settings are built
+        return value
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:

@@ -33,6 +33,15 @@ class RequestStatus(StrEnum):
         return self in (RequestStatus.COMPLETED, RequestStatus.FAILED)
 
 
+class DeliveryState(StrEnum):
+    """Where the webhook call of a request stands."""
+
+    PENDING = "pending"  # waiting for the request to finish, or for its next attempt
+    DELIVERING = "delivering"  # an attempt is in flight
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    FAILED = "failed"  # gave up: every attempt failed, or the receiver answered 410 Gone
+
+
 class TaskKind(StrEnum):
     """What a task on the queue asks a worker to do."""
 

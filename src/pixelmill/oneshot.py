@@ -43,6 +43,8 @@ async def run_oneshot(
             update={
                 "database_url": f"sqlite:///{Path(state) / 'pixelmill.db'}",
                 "queue_url": "db://",
+                # The images must land in OUT, not in an imaging service's storage.
+                "imaging_url": "inline://",
                 "poll_interval": 0.05,
             }
         )

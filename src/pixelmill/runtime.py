@@ -13,6 +13,7 @@ from pixelmill.imaging import open_imaging
 from pixelmill.imaging.base import Imaging
 from pixelmill.queue import Queue, open_queue
 from pixelmill.storage import Storage, open_storage
+from pixelmill.webhooks.dispatcher import WebhookDispatcher
 from pixelmill.worker import Worker, worker_name
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Runtime:
-    """Database, storage and queue of a process; imaging and a worker when it runs one."""
+    """Database, storage and queue of a process; imaging, worker and webhooks if it works."""
 
     settings: Settings
     db: Database
@@ -28,7 +29,9 @@ class Runtime:
     queue: Queue
     imaging: Imaging | None = None
     worker: Worker | None = None
+    dispatcher: WebhookDispatcher | None = None
     _worker_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    _dispatcher_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
     async def open(
@@ -50,11 +53,26 @@ class Runtime:
         return cls(settings, db, storage, queue)
 
     def start_worker(self) -> Worker:
-        """Start a worker in this process's event loop."""
+        """Start a worker, and the webhook dispatcher beside it, in this process's loop."""
         self.imaging = open_imaging(self.settings, self.storage)
-        self.worker = Worker(self.settings, self.db, self.queue, self.imaging, self.storage)
+        dispatcher = WebhookDispatcher(self.settings, self.db)
+        self.dispatcher = dispatcher
+        self._dispatcher_task = asyncio.create_task(dispatcher.run(), name="pixelmill-webhooks")
+        self.worker = Worker(
+            self.settings,
+            self.db,
+            self.queue,
+            self.imaging,
+            self.storage,
+            on_closed=lambda _request_id: dispatcher.wake(),
+        )
         self._worker_task = asyncio.create_task(self.worker.run(), name="pixelmill-worker")
         return self.worker
+
+    def wake_webhooks(self) -> None:
+        """Have this process's dispatcher, if it runs one, look for due deliveries now."""
+        if self.dispatcher:
+            self.dispatcher.wake()
 
     async def close_when_stopped(self) -> None:
         """Wait until the worker stops (after ``worker.stop()``), then close everything."""
@@ -63,10 +81,13 @@ class Runtime:
         await self.close()
 
     async def close(self) -> None:
-        """Stop the worker (graceful), then close every connection."""
-        if self.worker and self._worker_task:
+        """Stop the worker and the dispatcher (both graceful), then close every connection."""
+        if self.worker:
             self.worker.stop()
-            await asyncio.gather(self._worker_task, return_exceptions=True)
+        if self.dispatcher:
+            self.dispatcher.stop()
+        running = [task for task in (self._worker_task, self._dispatcher_task) if task]
+        await asyncio.gather(*running, return_exceptions=True)
         if self.imaging:
             await self.imaging.close()
         await self.queue.close()

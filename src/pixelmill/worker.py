@@ -4,7 +4,7 @@ For a ``process`` task it marks the task's images ``processing``, sends each ima
 to the imaging service with bounded concurrency (transient failures retried with
 backoff), records every result as it lands, then acknowledges the task. The worker
 that records a request's last image has queued its ``finalize`` task, which writes
-the output CSV and closes the request exactly once.
+the output CSV and closes the request exactly once (queueing its webhook, if any).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import random
 import socket
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,12 +63,14 @@ class Worker:
         queue: Queue,
         imaging: Imaging,
         storage: Storage,
+        on_closed: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.queue = queue
         self.imaging = imaging
         self.storage = storage
+        self.on_closed = on_closed  # hears of each request this worker closes
         self.retry = RetryPolicy(settings.image_attempts, settings.retry_backoff_seconds)
         self._image_slots = asyncio.Semaphore(settings.worker_concurrency)
         # A finished request has just queued its finalize task: look for it at once.
@@ -235,5 +237,7 @@ class Worker:
             await self.storage.put_file(key, path, "text/csv; charset=utf-8")
         finally:
             path.unlink(missing_ok=True)
-        if await work.close_request(self.db, request_id, key):
+        if await work.close_request(self.db, request_id, key, self.storage.url_for(key)):
             log.info("request %s finished", request_id)
+            if self.on_closed:
+                self.on_closed(request_id)

@@ -18,7 +18,7 @@ from pixelmill.db import tables as t
 from pixelmill.db.engine import Database
 from pixelmill.db.migrate import alembic_config, upgrade, upgrade_async
 
-TABLES = {"requests", "products", "images", "tasks"}
+TABLES = {"requests", "products", "images", "tasks", "webhook_deliveries"}
 
 
 def _url(path: Path) -> str:
@@ -102,6 +102,12 @@ def test_migrated_indexes_and_unique_constraints(tmp_path: Path) -> None:
         "request_id",
         "row_index",
     ]
+    assert {i["name"]: i["column_names"] for i in inspector.get_indexes("webhook_deliveries")} == {
+        "ix_webhook_deliveries_due": ["state", "next_attempt_at"]
+    }
+    assert {
+        u["name"]: u["column_names"] for u in inspector.get_unique_constraints("webhook_deliveries")
+    } == {"uq_webhook_deliveries_request": ["request_id"]}
 
 
 def test_downgrade_to_base_and_upgrade_again(tmp_path: Path) -> None:

@@ -12,12 +12,20 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from pixelmill.api.deps import OwnerDep, RuntimeDep
 from pixelmill.api.errors import ApiError, not_found
-from pixelmill.api.schemas import Accepted, ProductOut, ProductPage, RequestOut, RequestPage
+from pixelmill.api.schemas import (
+    Accepted,
+    ProductOut,
+    ProductPage,
+    RequestOut,
+    RequestPage,
+    WebhookOut,
+)
 from pixelmill.api.uploads import received_upload
 from pixelmill.csvio import CsvLimits
-from pixelmill.db import queries
+from pixelmill.db import deliveries, queries
 from pixelmill.db.ingest import stage_request
 from pixelmill.runtime import Runtime
+from pixelmill.webhooks.payload import finished_event
 
 router = APIRouter()
 
@@ -189,3 +197,32 @@ async def request_events(
             await asyncio.sleep(0.5)
 
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@router.post(
+    "/api/v1/requests/{request_id}/webhook/redeliver",
+    status_code=202,
+    response_model=WebhookOut,
+    tags=["requests"],
+    responses={
+        409: {"description": "the request is not finished yet"},
+        422: {"description": "the request has no webhook_url"},
+    },
+)
+async def redeliver_webhook(request_id: str, runtime: RuntimeDep, owner: OwnerDep) -> WebhookOut:
+    """Send the request's ``request.finished`` webhook again, from a fresh retry schedule."""
+    row = await _load(runtime, request_id, owner)
+    if not row.webhook_url:
+        raise ApiError(422, "no_webhook", f"request {request_id} was uploaded without webhook_url")
+    if row.finished_at is None:
+        raise ApiError(
+            409,
+            "not_finished",
+            f"request {request_id} is {row.status}; its webhook is sent once it is finished",
+        )
+    csv_url = runtime.storage.url_for(row.output_key) if row.output_key else None
+    await deliveries.redeliver(
+        runtime.db, request_id, row.webhook_url, finished_event(row, csv_url)
+    )
+    runtime.wake_webhooks()
+    return WebhookOut.from_row(await _load(runtime, request_id, owner))

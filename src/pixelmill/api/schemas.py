@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -44,6 +44,27 @@ class ProgressOut(BaseModel):
 class WebhookOut(BaseModel):
     url: str
     state: Literal["pending", "delivering", "delivered", "failed"]
+    attempts: int = 0
+    last_status_code: int | None = None
+    last_error: str | None = None
+    next_attempt_at: datetime | None = None
+    delivered_at: datetime | None = None
+
+    @classmethod
+    def from_row(cls, row: Any) -> WebhookOut:
+        """From a request row joined with its delivery (``webhook_*`` columns)."""
+        if row.webhook_state is None:  # the request is not finished: nothing queued yet
+            return cls(url=row.webhook_url, state="pending")
+        next_at = row.webhook_next_attempt_at
+        return cls(
+            url=row.webhook_url,
+            state=row.webhook_state,
+            attempts=row.webhook_attempts,
+            last_status_code=row.webhook_last_status_code,
+            last_error=row.webhook_last_error,
+            next_attempt_at=datetime.fromtimestamp(next_at, UTC) if next_at is not None else None,
+            delivered_at=as_utc(row.webhook_delivered_at),
+        )
 
 
 class RequestOut(BaseModel):
@@ -61,9 +82,7 @@ class RequestOut(BaseModel):
 
     @classmethod
     def from_row(cls, row: Any, output_csv_url: str | None) -> RequestOut:
-        webhook = None
-        if row.webhook_url:
-            webhook = WebhookOut(url=row.webhook_url, state="pending")
+        webhook = WebhookOut.from_row(row) if row.webhook_url else None
         return cls(
             request_id=row.id,
             status=row.status,

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from fastapi import Request
 from pydantic import ValidationError
@@ -22,8 +21,8 @@ from starlette.datastructures import UploadFile
 
 from pixelmill.api.errors import ApiError
 from pixelmill.api.schemas import UploadOptions
-from pixelmill.csvio import url_problem
-from pixelmill.imaging.addresses import forbidden_reason, parse_ip
+from pixelmill.imaging.addresses import AddressPolicy
+from pixelmill.webhooks.sender import literal_refusal, resolved_refusal
 
 _OPTION_FIELDS = ("webhook_url", "quality", "max_width", "max_height", "format")
 
@@ -49,19 +48,25 @@ def parse_options(raw: dict[str, Any], *, allow_private: bool) -> UploadOptions:
         ]
         raise ApiError(422, "invalid_options", "invalid upload options", details) from None
     if options.webhook_url:
-        reason = url_problem(options.webhook_url)
-        address = parse_ip(urlsplit(options.webhook_url).hostname or "")
-        if not reason and address is not None and not allow_private:
-            reason = forbidden_reason(address)
-            reason = f"the webhook host is {reason}" if reason else None
-        if reason:
-            raise ApiError(
-                422,
-                "invalid_webhook_url",
-                f"webhook_url is not acceptable: {reason}",
-                [{"field": "webhook_url", "message": reason}],
-            )
+        _refuse_webhook(literal_refusal(options.webhook_url, AddressPolicy(allow_private)))
     return options
+
+
+async def check_webhook_host(options: UploadOptions, *, allow_private: bool) -> None:
+    """Refuse a webhook host name that resolves to addresses the policy forbids."""
+    if options.webhook_url:
+        policy = AddressPolicy(allow_private)
+        _refuse_webhook(await resolved_refusal(options.webhook_url, policy))
+
+
+def _refuse_webhook(reason: str | None) -> None:
+    if reason:
+        raise ApiError(
+            422,
+            "invalid_webhook_url",
+            f"webhook_url is not acceptable: {reason}",
+            [{"field": "webhook_url", "message": reason}],
+        )
 
 
 async def _copy_stream(chunks: AsyncIterator[bytes], target: Path, limit: int) -> None:
@@ -107,6 +112,7 @@ async def received_upload(
             )
         else:
             options = parse_options(dict(request.query_params), allow_private=allow_private)
+            await check_webhook_host(options, allow_private=allow_private)
             await _copy_stream(request.stream(), path, max_bytes)
         yield path, options
     finally:
@@ -128,5 +134,6 @@ async def _receive_multipart(
         options = parse_options(
             {**dict(request.query_params), **fields}, allow_private=allow_private
         )
+        await check_webhook_host(options, allow_private=allow_private)
         _copy_upload(upload, path, max_bytes)
     return options

@@ -10,6 +10,18 @@ from pixelmill.db import tables as t
 from pixelmill.db.engine import Database
 from pixelmill.domain import ImageStatus
 
+_d = t.webhook_deliveries
+# A request with the state of its webhook delivery (None until the request finishes).
+_WITH_WEBHOOK = select(
+    t.requests,
+    _d.c.state.label("webhook_state"),
+    _d.c.attempts.label("webhook_attempts"),
+    _d.c.last_status_code.label("webhook_last_status_code"),
+    _d.c.last_error.label("webhook_last_error"),
+    _d.c.next_attempt_at.label("webhook_next_attempt_at"),
+    _d.c.delivered_at.label("webhook_delivered_at"),
+).select_from(t.requests.outerjoin(_d, _d.c.request_id == t.requests.c.id))
+
 
 def _owned(request_id: str, owner: str | None) -> Any:
     condition = t.requests.c.id == request_id
@@ -19,9 +31,9 @@ def _owned(request_id: str, owner: str | None) -> Any:
 
 
 async def get_request(db: Database, request_id: str, owner: str | None) -> Row[Any] | None:
-    """One request with its counters; None when unknown or someone else's."""
+    """One request with its counters and webhook; None when unknown or someone else's."""
     async with db.read() as conn:
-        return (await conn.execute(select(t.requests).where(_owned(request_id, owner)))).first()
+        return (await conn.execute(_WITH_WEBHOOK.where(_owned(request_id, owner)))).first()
 
 
 async def list_requests(
@@ -35,8 +47,7 @@ async def list_requests(
         ).scalar_one()
         rows = (
             await conn.execute(
-                select(t.requests)
-                .where(condition)
+                _WITH_WEBHOOK.where(condition)
                 .order_by(t.requests.c.created_at.desc(), t.requests.c.id)
                 .offset(offset)
                 .limit(limit)

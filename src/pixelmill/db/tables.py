@@ -114,3 +114,30 @@ tasks = Table(
 )
 Index("ix_tasks_claim", tasks.c.state, tasks.c.priority, tasks.c.id)
 Index("ix_tasks_unpublished", tasks.c.published_at)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("request_id", String(32), nullable=False),
+    Column("webhook_id", String(64), nullable=False),  # the webhook-id header, kept on retries
+    Column("url", Text, nullable=False),
+    Column("body", Text, nullable=False),  # the JSON sent, the same bytes on every attempt
+    # pending -> delivering -> delivered | failed; delivering -> pending on a retryable failure.
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("last_status_code", Integer, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("next_attempt_at", Float, nullable=True),  # epoch seconds; None once settled
+    # A claim: the sender holding ``lease_token`` owns the attempt until the lease expires.
+    Column("lease_token", String(32), nullable=True),
+    Column("lease_expires_at", Float, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("delivered_at", DateTime(timezone=True), nullable=True),
+    UniqueConstraint("request_id", name="uq_webhook_deliveries_request"),
+)
+Index(
+    "ix_webhook_deliveries_due",
+    webhook_deliveries.c.state,
+    webhook_deliveries.c.next_attempt_at,
+)

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import bindparam, case, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from pixelmill.db import deliveries
 from pixelmill.db import tables as t
 from pixelmill.db.clock import utcnow
 from pixelmill.db.engine import Database
@@ -29,6 +30,7 @@ from pixelmill.domain import (
     RequestStatus,
     TaskKind,
 )
+from pixelmill.webhooks.payload import finished_event
 
 FINALIZE_PRIORITY = 0
 _OPEN = (ImageStatus.PENDING.value, ImageStatus.PROCESSING.value)
@@ -296,8 +298,14 @@ async def load_request(db: Database, request_id: str) -> Any:
         return (await conn.execute(select(t.requests).where(t.requests.c.id == request_id))).first()
 
 
-async def close_request(db: Database, request_id: str, output_key: str) -> bool:
-    """Move the request to its final status; True only for the call that did it."""
+async def close_request(
+    db: Database, request_id: str, output_key: str, output_csv_url: str | None = None
+) -> bool:
+    """Move the request to its final status; True only for the call that did it.
+
+    A request with a ``webhook_url`` gets its ``request.finished`` delivery queued in
+    the same transaction, so the close and its webhook are committed together.
+    """
     async with db.write() as conn:
         request = (
             await conn.execute(
@@ -318,8 +326,13 @@ async def close_request(db: Database, request_id: str, output_key: str) -> bool:
                 finished_at=now,
                 updated_at=now,
             )
+            .returning(*t.requests.c)
         )
-        return moved.rowcount == 1
+        closed = moved.first()
+        if closed is not None and closed.webhook_url:
+            body = finished_event(closed, output_csv_url)
+            await deliveries.queue_delivery(conn, request_id, closed.webhook_url, body)
+        return closed is not None
 
 
 async def unfinished_count(db: Database) -> int:

@@ -72,11 +72,13 @@ class GuardedResolver(AbstractResolver):
             address = parse_ip(result["host"])
             reason = self.policy.refusal(address) if address else "not an IP address"
             if reason:
-                refusals.append(f"{result['host']} is {reason}")
+                refusals.append(f"{result['host']} ({reason})")
             else:
                 allowed.append(result)
         if not allowed:
-            raise ForbiddenAddressError(f"{host} resolves to {'; '.join(refusals)}")
+            raise ForbiddenAddressError(
+                f"{host} resolves only to refused addresses: {', '.join(refusals)}"
+            )
         return allowed
 
     async def close(self) -> None:
