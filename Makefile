@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck clean
+.PHONY: install run test lint typecheck clean bench
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,6 +26,13 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
+
+# Throughput against img2dataset and the codec limit, then the 1M-row ingest; results
+# in benchmarks/results/, read in docs/performance.md. Takes a few minutes.
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	NO_ALBUMENTATIONS_UPDATE=1 $(PY) benchmarks/throughput.py
+	$(PY) benchmarks/ingest.py --rows 1000000
 
 clean:
 	rm -rf $(VENV) pixelmill-data .pytest_cache .mypy_cache

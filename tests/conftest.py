@@ -1,15 +1,24 @@
-"""Shared fixtures: the image corpus, a real image host, settings on a temp data dir."""
+"""Shared fixtures: the image corpus, a real image host, settings on a temp data dir.
+
+Every test that uses a database (through ``settings``, ``database_url`` or
+``module_database_url``) runs once per backend, SQLite and PostgreSQL: the same suite,
+two passes per module. PostgreSQL cases are skipped when no server answers, except
+under ``CI=true``, where that is an error.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pixelmill.config import Settings
+from tests.support.databases import ADMIN_URL_ENV, BACKENDS, PostgresServer, fresh_database
 from tests.support.image_host import ImageHost
 from tests.support.images import build_corpus
+from tests.support.kafka import TansuBroker
 
 
 @pytest.fixture(scope="session")
@@ -24,13 +33,82 @@ def image_host(corpus: Path) -> Iterator[ImageHost]:
     host.stop()
 
 
+# Suites that never open a database (the imaging service is stateless): one pass only.
+DATABASE_FREE = (Path(__file__).parent / "imaging",)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Give each test that uses a database one pass per backend (grouped by module)."""
+    if "database_backend" not in metafunc.fixturenames:
+        return
+    if any(folder in metafunc.definition.path.parents for folder in DATABASE_FREE):
+        return
+    metafunc.parametrize("database_backend", BACKENDS, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> PostgresServer:
+    """The PostgreSQL server the postgres cases create their databases on."""
+    server = PostgresServer.from_env()
+    problem = server.problem()
+    if problem:
+        reason = (
+            f"PostgreSQL is not reachable at {server.shown_url} ({problem}); "
+            f"start it (.ci/run does) or set {ADMIN_URL_ENV}"
+        )
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason}. Under CI=true the postgres cases must run.", pytrace=False)
+        pytest.skip(reason)
+    server.drop_stale_databases()
+    return server
+
+
+@pytest.fixture(scope="module")
+def database_backend(request: pytest.FixtureRequest) -> str:
+    """``sqlite`` or ``postgres``: the database of this pass over the module."""
+    backend: str = getattr(request, "param", "sqlite")
+    if backend == "postgres":
+        request.getfixturevalue("postgres")  # skips (or fails under CI) when it is down
+    return backend
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    """Embedded defaults on a fresh data dir, loopback sources allowed, short leases."""
+def database_url(
+    database_backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """A database no one has used yet (not even migrated), on this pass's backend."""
+    server = request.getfixturevalue("postgres") if database_backend == "postgres" else None
+    with fresh_database(database_backend, tmp_path / "data", server) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def module_database_url(
+    database_backend: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """Like ``database_url``, for the long-lived server of a module (one per backend)."""
+    server = request.getfixturevalue("postgres") if database_backend == "postgres" else None
+    with fresh_database(database_backend, tmp_path_factory.mktemp("db"), server) as url:
+        yield url
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    """Embedded defaults on a fresh data dir and database, loopback sources allowed,
+    short leases."""
     return Settings(
         data_dir=tmp_path / "data",
+        database_url=database_url,
         allow_private_urls=True,
         lease_seconds=3,
         poll_interval=0.05,
         retry_backoff_seconds=0.05,
     )
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBroker]:
+    """A Kafka-protocol broker shared by the session; each test uses its own topic."""
+    broker = TansuBroker(tmp_path_factory.mktemp("kafka") / "broker.log").start()
+    yield broker
+    broker.stop()

@@ -375,6 +375,13 @@ def test_credentials_with_user_only_are_refused() -> None:
     ]
 
 
+def test_control_characters_in_a_url_are_refused() -> None:
+    # No database text may hold a NUL, and no fetch should see one.
+    for url in ("http://a.example/1\x7f.jpg", "http://a.example:8080/\x01.jpg"):
+        _, rows = read(lines(HEADER, f"1,Mug,{url}"))
+        assert [p.message for p in rows[0].problems] == ["URL contains control characters"]
+
+
 def test_one_bad_url_among_good_ones_names_only_the_bad_one() -> None:
     _, rows = read(lines(HEADER, '1,Mug,"http://a/1.jpg, ftp://a/2.jpg, https://a/3.jpg"'))
     assert rows[0].urls == ["http://a/1.jpg", "ftp://a/2.jpg", "https://a/3.jpg"]

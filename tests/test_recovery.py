@@ -6,6 +6,7 @@ import csv
 import io
 import signal
 import sqlite3
+import uuid
 from pathlib import Path
 
 import httpx
@@ -46,9 +47,14 @@ def _completed(server: ServeProcess, request_id: str) -> int:
     return int(server.get(f"/api/v1/requests/{request_id}").json()["progress"]["completed"])
 
 
-@pytest.fixture
-def server(tmp_path: Path):  # type: ignore[no-untyped-def]
-    process = ServeProcess(tmp_path / "serve", env={"PIXELMILL_WORKER_CONCURRENCY": "4"})
+@pytest.fixture(params=["db", "kafka"])
+def server(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """``serve`` on the queue table, and on a Kafka topic of its own."""
+    env = {"PIXELMILL_WORKER_CONCURRENCY": "4"}
+    if request.param == "kafka":
+        broker = request.getfixturevalue("kafka_broker")
+        env["PIXELMILL_QUEUE_URL"] = broker.queue_url(f"recovery-{uuid.uuid4().hex[:8]}")
+    process = ServeProcess(tmp_path / "serve", env=env)
     yield process.start()
     process.stop()
 
@@ -70,7 +76,7 @@ def _check_finished_output(server: ServeProcess, request_id: str, urls: list[str
 def test_kill_9_mid_request_then_restart_resumes(
     server: ServeProcess, image_host: ImageHost
 ) -> None:
-    body, urls = _slow_request(image_host, "kill")
+    body, urls = _slow_request(image_host, f"kill{uuid.uuid4().hex[:6]}")
     request_id = server.post(
         "/api/v1/requests", files={"file": ("p.csv", body, "text/csv")}
     ).json()["request_id"]
@@ -92,7 +98,7 @@ def test_kill_9_mid_request_then_restart_resumes(
 def test_sigterm_is_graceful_and_the_rest_resumes(
     server: ServeProcess, image_host: ImageHost
 ) -> None:
-    body, urls = _slow_request(image_host, "term")
+    body, urls = _slow_request(image_host, f"term{uuid.uuid4().hex[:6]}")
     request_id = server.post(
         "/api/v1/requests", files={"file": ("p.csv", body, "text/csv")}
     ).json()["request_id"]

@@ -1,17 +1,26 @@
-"""The worker in-process, on a real SQLite file, a real image host and real images."""
+"""The worker in-process, on a real database, a real image host and real images."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
+import uuid
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from pixelmill.config import Settings
 from pixelmill.csvio import CsvLimits
+from pixelmill.db import tables as t
 from pixelmill.db import work
 from pixelmill.db.ingest import stage_request
 from pixelmill.domain import ProcessingOptions
 from pixelmill.queue.db import DbQueue
 from pixelmill.runtime import Runtime
+from pixelmill.worker import worker_name
+from tests.support.databases import PostgresServer, terminate_other_connections
 from tests.support.image_host import ImageHost
 from tests.support.waiting import async_wait_until
 
@@ -39,6 +48,12 @@ async def _stage(runtime: Runtime, csv_path: Path) -> str:
 async def _finished(runtime: Runtime, request_id: str):  # type: ignore[no-untyped-def]
     row = await work.load_request(runtime.db, request_id)
     return row if row.finished_at is not None else None
+
+
+def test_a_worker_name_fits_the_lease_owner_column(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-" + "x" * 250)
+    name = worker_name()
+    assert name.startswith("node-x") and len(name) <= t.tasks.c.lease_owner.type.length == 64
 
 
 async def test_a_task_whose_workers_keep_dying_fails_its_images(
@@ -90,5 +105,48 @@ async def test_concurrent_requests_are_counted_exactly(
             assert (row.status, row.completed, row.failed, row.pending, row.processing) == (
                 "completed", 20, 0, 0, 0,
             )  # fmt: skip
+    finally:
+        await runtime.close()
+
+
+async def _status_elsewhere(url: str, request_id: str) -> Any:
+    """The request's row, read on a connection of its own (one the cuts do not reach)."""
+    query = "SELECT status, completed, failed, pending, processing, finished_at"
+    query += " FROM requests WHERE id = $1"
+    server = PostgresServer(url)
+    return await asyncio.to_thread(server.run, lambda conn: conn.fetchrow(query, request_id))
+
+
+async def test_a_worker_whose_connections_are_cut_again_and_again_completes(
+    settings: Settings, image_host: ImageHost, tmp_path: Path, database_backend: str
+) -> None:
+    """The server drops every connection of the worker many times while it works."""
+    if database_backend != "postgres":
+        pytest.skip("SQLite has no server whose connections could be cut")
+    settings = settings.model_copy(update={"task_max_images": 4})
+    runtime = await Runtime.open(settings, migrate=True)
+    try:
+        tag = uuid.uuid4().hex[:8]
+        urls = [
+            [image_host.url(f"slow/60/coffee.jpg?cut={tag}-{row}-{k}") for k in range(2)]
+            for row in range(40)
+        ]
+        request_id = await _stage(runtime, _write_csv(tmp_path / "in.csv", urls))
+        runtime.start_worker()
+        cut, deadline = 0, time.monotonic() + 90
+        row = await _status_elsewhere(settings.database_url, request_id)
+        while row["finished_at"] is None:
+            assert time.monotonic() < deadline, f"not finished after {cut} cuts: {dict(row)}"
+            cut += await asyncio.to_thread(terminate_other_connections, settings.database_url)
+            await asyncio.sleep(0.05)
+            row = await _status_elsewhere(settings.database_url, request_id)
+        assert cut >= 5, "the worker's connections were cut while it worked"
+        assert (row["status"], row["completed"], row["failed"]) == ("completed", 80, 0)
+        assert (row["pending"], row["processing"]) == (0, 0)
+        paths = [url.split(f":{image_host.port}", 1)[1] for row_urls in urls for url in row_urls]
+        fetches = [image_host.hits[path] for path in paths]
+        assert fetches == [1] * 80, "lost writes were retried, not the images' work"
+        async for _cells, outputs in work.output_rows(runtime.db, request_id):
+            assert len(outputs) == 2 and all(outputs)
     finally:
         await runtime.close()

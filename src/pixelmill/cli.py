@@ -6,14 +6,20 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 
 from pixelmill.config import Settings
+
+if TYPE_CHECKING:
+    from pixelmill.db.engine import Database
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="Turn a CSV of products and image URLs into processed images, at any scale.",
@@ -22,6 +28,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+tasks_app = typer.Typer(help="Dead tasks: list them, put them back.", no_args_is_help=True)
+app.add_typer(tasks_app, name="tasks")
 console = Console(stderr=True)
 
 
@@ -94,10 +102,38 @@ def serve(host: HostOption = "127.0.0.1", port: Annotated[int, typer.Option()] =
 
 
 @app.command()
-def api(host: HostOption = "127.0.0.1", port: Annotated[int, typer.Option()] = 8000) -> None:
+def api(
+    host: HostOption = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    samples: Annotated[
+        bool, typer.Option("--samples", help="Also serve the sample photos under /samples/.")
+    ] = False,
+) -> None:
     """The HTTP API alone (workers run apart with ``pixelmill worker``)."""
     _logging()
-    _run_server(_settings(public_url=_public_url(host, port)), host, port, migrate=True)
+    settings = _settings(public_url=_public_url(host, port))
+    _run_server(settings, host, port, migrate=True, samples=samples)
+
+
+@app.command()
+def imaging(host: HostOption = "127.0.0.1", port: Annotated[int, typer.Option()] = 8001) -> None:
+    """The imaging service alone, for workers with PIXELMILL_IMAGING_URL=http://HOST:PORT."""
+    import uvicorn
+
+    from pixelmill.imaging.service import KEEP_ALIVE_SECONDS, create_imaging_app
+
+    _logging()
+    application = create_imaging_app(_settings())
+    _exit_zero_on_sigterm()
+    uvicorn.run(
+        application,
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,  # one line per image would cost more than it tells
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        timeout_graceful_shutdown=30,
+    )
 
 
 @app.command()
@@ -199,3 +235,36 @@ def db_upgrade() -> None:
     settings = _settings()
     upgrade(settings.database_url)
     console.print("database is up to date")
+
+
+@tasks_app.command("dead")
+def tasks_dead() -> None:
+    """List the tasks that gave up (dead-lettered), with their last error."""
+    from pixelmill.db.admin import dead_tasks
+
+    for task in asyncio.run(_with_database(dead_tasks)):
+        error = (task.last_error or "").splitlines()[0][:120] if task.last_error else ""
+        print(f"{task.task_id}\t{task.request_id}\t{task.kind}\t{task.attempts}\t{error}")
+
+
+@tasks_app.command("requeue")
+def tasks_requeue(
+    task_ids: Annotated[
+        list[int] | None, typer.Argument(help="Task ids (default: every dead task).")
+    ] = None,
+) -> None:
+    """Put dead tasks back on the queue, with their attempts reset."""
+    from pixelmill.db.admin import requeue_dead
+
+    count = asyncio.run(_with_database(lambda db: requeue_dead(db, task_ids or None)))
+    console.print(f"requeued {count} task(s)")
+
+
+async def _with_database(action: Callable[[Database], Awaitable[T]]) -> T:
+    from pixelmill.db.engine import Database
+
+    database = Database(_settings().database_url)
+    try:
+        return await action(database)
+    finally:
+        await database.close()

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     imaging_url: str = "inline://"
     storage_url: str = ""
     public_url: str = "http://127.0.0.1:8000"
+    # Connections per process kept open to the database (PostgreSQL may open as many
+    # again at peaks): keep processes x 2 x this under the server's max_connections.
+    database_pool_size: int = Field(default=10, ge=1)
 
     allow_private_urls: bool = False
     trusted_source_prefixes: Annotated[list[str], NoDecode] = Field(default_factory=list)

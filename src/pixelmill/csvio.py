@@ -116,8 +116,9 @@ def _preview(value: str) -> str:
     return value if len(value) <= _VALUE_PREVIEW else value[: _VALUE_PREVIEW - 1] + "…"
 
 
-# The usual shape of a catalogue URL (no port, no '@', no spaces), accepted without parsing.
-_PLAIN_URL = re.compile(r"https?://[A-Za-z0-9.-]+(?:[/?#][^\s@]*)?")
+# The usual shape of a catalogue URL (no port, no '@', no spaces, no control characters),
+# accepted without parsing.
+_PLAIN_URL = re.compile(r"https?://[A-Za-z0-9.-]+(?:[/?#][^\s@\x00-\x1f\x7f]*)?")
 
 
 def url_problem(url: str) -> str | None:
@@ -128,6 +129,8 @@ def url_problem(url: str) -> str | None:
         return f"URL longer than {MAX_URL_LENGTH} characters"
     if any(ch.isspace() for ch in url):
         return "URL contains whitespace"
+    if any(ch < " " or ch == "\x7f" for ch in url):
+        return "URL contains control characters"
     try:
         parts = urlsplit(url)
         port = parts.port  # raises on a malformed port
@@ -179,6 +182,14 @@ def _checked_lines(text: io.TextIOWrapper) -> Iterator[str]:
                 "unsupported_encoding",
                 f"line {number} is not valid UTF-8: {_EXPORT_HINT}",
                 [CsvProblem(number, None, "not valid UTF-8")],
+            )
+        if "\x00" in line:  # past the sniffed head; no database text may hold one either
+            raise CsvRejected(
+                415,
+                "not_csv",
+                f"line {number} contains a NUL byte: the file is binary, not CSV text: "
+                f"{_EXPORT_HINT}",
+                [CsvProblem(number, None, "contains a NUL byte")],
             )
         yield line
 

@@ -40,9 +40,10 @@ class Runtime:
         """Build the parts named by the settings; unknown URL schemes fail here, at start."""
         if migrate:
             await upgrade_async(settings.database_url)
-        db = Database(settings.database_url)
+        db = Database(settings.database_url, pool_size=settings.database_pool_size)
         storage = storage or open_storage(settings.storage_url, settings.public_url)
         queue = open_queue(settings, db, owner=worker_name())
+        await queue.start()
         log.info(
             "pixelmill backends: database=%s queue=%s imaging=%s storage=%s",
             db.writer.url.render_as_string(hide_password=True),

@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 
 
 def worker_name() -> str:
-    """A name unique to this worker process, used as its lease owner."""
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    """A name unique to this worker process, used as its lease owner (at most 64
+    characters, the width of ``tasks.lease_owner``, which PostgreSQL enforces)."""
+    return f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,15 @@ class Worker:
                 log.exception("receiving a task failed; retrying")
                 await asyncio.sleep(1.0)
                 continue
-            if message is not None:
+            if message is None:
+                continue
+            try:
                 await self._handle_with_grace(message)
+            except Exception:
+                # Even the retry or ack failed (the database is away): keep the slot
+                # alive; the task's lease runs out and it is delivered again.
+                log.exception("task %s could not be settled; it will come back", message.task_id)
+                await asyncio.sleep(1.0)
 
     async def _handle_with_grace(self, message: TaskMessage) -> None:
         handler = asyncio.create_task(self._handle(message))

@@ -1,4 +1,4 @@
-"""Webhook deliveries in a real SQLite file: queued with the close, claimed exclusively."""
+"""Webhook deliveries in a real database: queued with the close, claimed exclusively."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ async def db(migrated: str) -> AsyncIterator[Database]:
 
 @pytest.fixture
 async def other_db(db: Database) -> AsyncIterator[Database]:
-    """A second set of engines on the same file, as another worker process would have."""
+    """A second set of engines on the same database, as another worker process would have."""
     database = Database(db.url)
     yield database
     await database.close()
@@ -217,3 +217,18 @@ async def test_redelivering_a_request_finished_before_webhooks_existed(
     await deliveries.redeliver(db, request_id, HOOK, '{"type":"request.finished"}')
     delivery = await deliveries.get_delivery(db, request_id)
     assert (delivery.state, delivery.body) == ("pending", '{"type":"request.finished"}')
+
+
+async def test_a_receivers_answer_with_a_nul_is_stored_written_out(
+    db: Database, tmp_path: Path
+) -> None:
+    request_id = await finished_request(db, tmp_path)
+    assert await close_request(db, request_id, "out.csv")
+    (claim,) = await deliveries.claim_due(db, limit=1, lease_seconds=30)
+    error = "HTTP 500: bad\x00body " + "x" * 3000
+    assert await deliveries.record_attempt(
+        db, claim, status_code=500, error=error, next_attempt_at=time.time() + 60
+    )
+    delivery = await deliveries.get_delivery(db, request_id)
+    assert delivery.last_error.startswith("HTTP 500: bad\\0body x")
+    assert len(delivery.last_error) == 2000 and delivery.state == "pending"

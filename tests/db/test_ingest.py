@@ -1,4 +1,4 @@
-"""Staging an uploaded CSV into a real SQLite database: all or nothing, cut into tasks."""
+"""Staging an uploaded CSV into a real database: all or nothing, cut into tasks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from pixelmill.config import Settings
 from pixelmill.csvio import MAX_PROBLEMS, CsvLimits, CsvRejected
@@ -326,3 +326,31 @@ async def test_too_many_urls_in_a_row_is_a_problem(db: Database, tmp_path: Path)
         await stage(db, path, limits=CsvLimits(max_urls_per_row=3))
     assert [(p.line, p.column) for p in info.value.problems] == [(3, "Input Image Urls")]
     assert await table_counts(db) == {"requests": 0, "products": 0, "images": 0, "tasks": 0}
+
+
+async def test_products_and_images_are_copied_on_postgresql(db: Database, tmp_path: Path) -> None:
+    if db.is_sqlite:
+        pytest.skip("SQLite stores them with executemany")
+    urls = "https://img.example/{0}/a.jpg, https://img.example/{0}/b.jpg".format
+    rows = [[n, f"Café ☕ {n}", urls(n), "naïve"] for n in range(1, 501)]
+    path = write_csv(tmp_path / "in.csv", rows, header=[*HEADER, "Notes"])
+    statements: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        statements.append(statement)
+
+    event.listen(db.writer.sync_engine, "before_cursor_execute", seen)
+    try:
+        accepted = await stage(db, path, task_max_images=64, batch_rows=120)
+    finally:
+        event.remove(db.writer.sync_engine, "before_cursor_execute", seen)
+    inserts = {s.split()[2] for s in statements if s.startswith("INSERT INTO")}
+    assert inserts == {"tasks", "requests"}, "products and images went by COPY"
+    assert await table_counts(db) == {"requests": 1, "products": 500, "images": 1000, "tasks": 16}
+    async with db.read() as conn:
+        last = (await conn.execute(select(t.products).where(t.products.c.row_index == 499))).one()
+        image_ids = (await conn.execute(select(t.images.c.id).order_by(t.images.c.id))).scalars()
+        assert list(image_ids) == list(range(1, 1001)), "ids from the sequence, in input order"
+    assert (last.product_name, last.line) == ("Café ☕ 500", 501)
+    assert last.cells == ["500", "Café ☕ 500", rows[-1][2], "naïve"]
+    assert accepted.images == 1000

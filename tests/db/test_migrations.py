@@ -1,28 +1,32 @@
-"""The Alembic migrations against a real SQLite file, and the SQLite engine settings."""
+"""The Alembic migrations on every backend, and each engine's own settings."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, insert, inspect, select
+from sqlalchemy import Connection, insert, inspect, select, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from pixelmill.config import Settings
 from pixelmill.db import tables as t
-from pixelmill.db.engine import Database
+from pixelmill.db.engine import Database, async_url
 from pixelmill.db.migrate import alembic_config, upgrade, upgrade_async
+from tests.support.databases import execute_elsewhere, run_async
 
+T = TypeVar("T")
 TABLES = {"requests", "products", "images", "tasks", "webhook_deliveries"}
-
-
-def _url(path: Path) -> str:
-    return f"sqlite:///{path}"
 
 
 def _head(url: str) -> str:
@@ -31,112 +35,169 @@ def _head(url: str) -> str:
     return head
 
 
-def _version(path: Path) -> list[str]:
-    with closing(sqlite3.connect(path)) as conn, conn:
-        return [row[0] for row in conn.execute("SELECT version_num FROM alembic_version")]
+def _look(url: str, look: Callable[[Connection], T]) -> T:
+    """``look`` on a plain (sync-API) connection to the database, from outside any loop."""
+
+    async def connected() -> T:
+        engine = create_async_engine(async_url(url))
+        try:
+            async with engine.connect() as conn:
+                return await conn.run_sync(look)
+        finally:
+            await engine.dispose()
+
+    return run_async(connected)
 
 
-def _schema(path: Path) -> list[tuple[str, str, str]]:
-    with closing(sqlite3.connect(path)) as conn, conn:
-        return conn.execute(
-            "SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY type, name"
-        ).fetchall()
+def _version(url: str) -> list[str]:
+    def versions(conn: Connection) -> list[str]:
+        if not inspect(conn).has_table("alembic_version"):
+            return []
+        return list(conn.execute(text("SELECT version_num FROM alembic_version")).scalars())
+
+    return _look(url, versions)
 
 
-def test_upgrade_creates_the_file_and_the_tables(tmp_path: Path) -> None:
+def _tables(url: str) -> set[str]:
+    return _look(url, lambda conn: set(inspect(conn).get_table_names()))
+
+
+def _schema(url: str) -> dict[str, Any]:
+    """Every table's columns, keys and indexes, as the database reports them."""
+
+    def describe(conn: Connection) -> dict[str, Any]:
+        inspector = inspect(conn)
+        return {
+            name: (
+                [(c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(name)],
+                inspector.get_pk_constraint(name)["constrained_columns"],
+                sorted(
+                    (u["name"], u["column_names"]) for u in inspector.get_unique_constraints(name)
+                ),
+                sorted(
+                    (i["name"], i["column_names"])
+                    for i in inspector.get_indexes(name)
+                    if "duplicates_constraint" not in i  # PostgreSQL: a unique's own index
+                ),
+            )
+            for name in sorted(inspector.get_table_names())
+        }
+
+    return _look(url, describe)
+
+
+def test_upgrade_creates_the_sqlite_file_and_its_folders(tmp_path: Path) -> None:
     path = tmp_path / "not" / "yet" / "there" / "pixelmill.db"
-    url = _url(path)
+    url = f"sqlite:///{path}"
     upgrade(url)
     assert path.is_file()
-    names = set(inspect(create_engine(url)).get_table_names())
-    assert names == TABLES | {"alembic_version"}
-    assert _version(path) == [_head(url)]
+    assert _tables(url) == TABLES | {"alembic_version"}
+    assert _version(url) == [_head(url)]
 
 
-def test_upgrade_is_idempotent(tmp_path: Path) -> None:
-    path = tmp_path / "pixelmill.db"
-    url = _url(path)
-    upgrade(url)
-    before = _schema(path)
-    with closing(sqlite3.connect(path)) as conn, conn:
-        conn.execute(
-            "INSERT INTO products (request_id, row_index, line, serial_number, product_name, cells)"
-            " VALUES ('r1', 0, 2, '1', 'Mug', '[]')"
-        )
-    upgrade(url)
-    assert _schema(path) == before
-    assert _version(path) == [_head(url)]
-    with closing(sqlite3.connect(path)) as conn, conn:
-        assert conn.execute("SELECT request_id, product_name FROM products").fetchall() == [
-            ("r1", "Mug")
-        ]
+def test_upgrade_creates_the_tables(database_url: str) -> None:
+    upgrade(database_url)
+    assert _tables(database_url) == TABLES | {"alembic_version"}
+    assert _version(database_url) == [_head(database_url)]
 
 
-def test_migrated_schema_matches_the_tables_module(tmp_path: Path) -> None:
-    url = _url(tmp_path / "pixelmill.db")
-    upgrade(url)
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            context = MigrationContext.configure(
-                conn, opts={"compare_type": True, "compare_server_default": True}
-            )
-            assert compare_metadata(context, t.metadata) == []
-    finally:
-        engine.dispose()
+def test_upgrade_is_idempotent(database_url: str) -> None:
+    upgrade(database_url)
+    before = _schema(database_url)
+    execute_elsewhere(
+        database_url,
+        "INSERT INTO products (request_id, row_index, line, serial_number, product_name, cells)"
+        " VALUES ('r1', 0, 2, '1', 'Mug', '[]')",
+    )
+    upgrade(database_url)
+    assert _schema(database_url) == before
+    assert _version(database_url) == [_head(database_url)]
+    rows = _look(
+        database_url,
+        lambda conn: conn.execute(select(t.products.c.request_id, t.products.c.product_name)).all(),
+    )
+    assert [tuple(row) for row in rows] == [("r1", "Mug")]
 
 
-def test_migrated_indexes_and_unique_constraints(tmp_path: Path) -> None:
-    url = _url(tmp_path / "pixelmill.db")
-    upgrade(url)
-    inspector = inspect(create_engine(url))
-    assert {i["name"]: i["column_names"] for i in inspector.get_indexes("tasks")} == {
-        "ix_tasks_claim": ["state", "priority", "id"],
-        "ix_tasks_unpublished": ["published_at"],
+def test_concurrent_upgrades_migrate_once(database_url: str, tmp_path: Path) -> None:
+    """An api and its workers, started together, all upgrade the same fresh database."""
+    env = {
+        **os.environ,
+        "PIXELMILL_DATA_DIR": str(tmp_path),
+        "PIXELMILL_DATABASE_URL": database_url,
     }
-    assert {i["name"] for i in inspector.get_indexes("requests")} == {"ix_requests_owner_created"}
-    assert {u["name"]: u["column_names"] for u in inspector.get_unique_constraints("images")} == {
-        "uq_images_position": ["request_id", "row_index", "position"]
-    }
-    assert inspector.get_pk_constraint("products")["constrained_columns"] == [
-        "request_id",
-        "row_index",
+    command = [sys.executable, "-m", "pixelmill", "db", "upgrade"]
+    processes = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(3)
     ]
-    assert {i["name"]: i["column_names"] for i in inspector.get_indexes("webhook_deliveries")} == {
-        "ix_webhook_deliveries_due": ["state", "next_attempt_at"]
-    }
-    assert {
-        u["name"]: u["column_names"] for u in inspector.get_unique_constraints("webhook_deliveries")
-    } == {"uq_webhook_deliveries_request": ["request_id"]}
+    outputs = [process.communicate(timeout=120)[0].decode() for process in processes]
+    assert [process.returncode for process in processes] == [0] * 3, outputs
+    assert _version(database_url) == [_head(database_url)]
+    assert _tables(database_url) == TABLES | {"alembic_version"}
 
 
-def test_downgrade_to_base_and_upgrade_again(tmp_path: Path) -> None:
-    path = tmp_path / "pixelmill.db"
-    url = _url(path)
-    upgrade(url)
-    schema = _schema(path)
-    command.downgrade(alembic_config(url), "base")
-    assert set(inspect(create_engine(url)).get_table_names()) == {"alembic_version"}
-    assert _version(path) == []
-    upgrade(url)
-    assert _schema(path) == schema
+def test_migrated_schema_matches_the_tables_module(database_url: str) -> None:
+    upgrade(database_url)
+
+    def differences(conn: Connection) -> list[Any]:
+        context = MigrationContext.configure(
+            conn, opts={"compare_type": True, "compare_server_default": True}
+        )
+        return list(compare_metadata(context, t.metadata))
+
+    assert _look(database_url, differences) == []
 
 
-async def test_upgrade_async_from_a_running_loop(tmp_path: Path) -> None:
-    path = tmp_path / "pixelmill.db"
-    await upgrade_async(_url(path))
-    assert _version(path) == [_head(_url(path))]
+def test_migrated_indexes_and_unique_constraints(database_url: str) -> None:
+    upgrade(database_url)
+    schema = _schema(database_url)
+    _columns, _pk, _unique, indexes = schema["tasks"]
+    assert indexes == [
+        ("ix_tasks_claim", ["state", "priority", "id"]),
+        ("ix_tasks_open", ["priority", "id"]),
+        ("ix_tasks_unpublished", ["published_at"]),
+    ]
+    assert schema["requests"][3] == [("ix_requests_owner_created", ["owner", "created_at"])]
+    assert schema["images"][2] == [("uq_images_position", ["request_id", "row_index", "position"])]
+    assert schema["products"][1] == ["request_id", "row_index"]
+    assert schema["webhook_deliveries"][3] == [
+        ("ix_webhook_deliveries_due", ["state", "next_attempt_at"])
+    ]
+    assert schema["webhook_deliveries"][2] == [("uq_webhook_deliveries_request", ["request_id"])]
+
+
+def test_downgrade_to_base_and_upgrade_again(database_url: str) -> None:
+    upgrade(database_url)
+    schema = _schema(database_url)
+    command.downgrade(alembic_config(database_url), "base")
+    assert _tables(database_url) == {"alembic_version"}
+    assert _version(database_url) == []
+    upgrade(database_url)
+    assert _schema(database_url) == schema
+
+
+async def test_upgrade_async_from_a_running_loop(database_url: str) -> None:
+    await upgrade_async(database_url)
+    assert _version(database_url) == [_head(database_url)]
 
 
 @pytest.fixture
-def migrated(settings: Settings) -> str:
-    """The database URL of ``settings``, migrated (outside the event loop: Alembic runs its own)."""
-    upgrade(settings.database_url)
-    return settings.database_url
+def migrated(database_url: str) -> str:
+    """A migrated database (outside the event loop: Alembic runs its own)."""
+    upgrade(database_url)
+    return database_url
 
 
-async def test_sqlite_runs_in_wal_mode_through_database(migrated: str) -> None:
-    db = Database(migrated)
+@pytest.fixture
+def sqlite_migrated(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'pixelmill.db'}"
+    upgrade(url)
+    return url
+
+
+async def test_sqlite_runs_in_wal_mode_through_database(sqlite_migrated: str) -> None:
+    db = Database(sqlite_migrated)
     try:
         assert db.is_sqlite
         async with db.read() as conn:
@@ -160,13 +221,38 @@ async def test_sqlite_runs_in_wal_mode_through_database(migrated: str) -> None:
     finally:
         await db.close()
     # WAL is a property of the file: a plain connection sees it too.
-    path = Path(migrated.removeprefix("sqlite:///"))
+    path = Path(sqlite_migrated.removeprefix("sqlite:///"))
     with closing(sqlite3.connect(path)) as conn, conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
+async def test_postgresql_reads_are_read_only_snapshots(migrated: str) -> None:
+    db = Database(migrated)
+    try:
+        if db.is_sqlite:
+            pytest.skip("SQLite reads are plain deferred transactions")
+        async with db.read() as conn:
+            level = (await conn.exec_driver_sql("SHOW transaction_isolation")).scalar()
+            assert level == "repeatable read"
+            first = (await conn.execute(select(t.products.c.request_id))).all()
+            # A commit from elsewhere in the middle of the read is not seen by it.
+            execute_elsewhere(
+                migrated,
+                "INSERT INTO products (request_id, row_index, line, serial_number,"
+                " product_name, cells) VALUES ('r1', 0, 2, '1', 'Mug', '[]')",
+            )
+            assert (await conn.execute(select(t.products.c.request_id))).all() == first == []
+        with pytest.raises(DBAPIError, match="read-only"):
+            async with db.read() as conn:
+                await conn.execute(t.products.delete())
+        async with db.read() as conn:
+            assert (await conn.execute(select(t.products.c.request_id))).scalars().all() == ["r1"]
+    finally:
+        await db.close()
+
+
 async def test_a_reader_is_not_blocked_by_an_open_write(migrated: str) -> None:
-    """WAL: a reader runs beside an open write transaction and sees the last commit."""
+    """A reader runs beside an open write transaction and sees the last commit."""
     db = Database(migrated)
     try:
         async with db.write() as conn:

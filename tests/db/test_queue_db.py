@@ -1,11 +1,10 @@
-"""The embedded queue (the ``tasks`` table with leases) over a real SQLite file."""
+"""The embedded queue (the ``tasks`` table with leases) over a real database."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import csv
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from pixelmill.db.work import ImageResult, record_results, start_task
 from pixelmill.domain import ErrorCode, ImageFailure, ProcessingOptions, TaskKind
 from pixelmill.queue.base import TaskMessage
 from pixelmill.queue.db import DbQueue
+from tests.support.databases import execute_elsewhere
 
 LEASE = 0.5
 
@@ -43,7 +43,7 @@ async def db(migrated: str) -> AsyncIterator[Database]:
 
 @pytest.fixture
 async def other_db(migrated: str) -> AsyncIterator[Database]:
-    """A second set of engines on the same file, as another worker process would have."""
+    """A second set of engines on the same database, as another worker process would have."""
     database = Database(migrated)
     yield database
     await database.close()
@@ -386,23 +386,17 @@ async def test_wake_makes_a_waiting_receive_return_promptly(db: Database, tmp_pa
     assert message.request_id == accepted.request_id
 
 
-def _sql(path: Path, statement: str) -> None:
-    """One committed statement from another connection (another process, as it were)."""
-    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
-        conn.execute(statement)
-
-
 async def test_a_wake_during_a_look_is_not_lost(db: Database, tmp_path: Path) -> None:
     """A task stored and announced while the receiver is looking must not wait a poll."""
     accepted = await stage(db, tmp_path, 1)
-    path = Path(db.url.removeprefix("sqlite:///"))
-    _sql(path, "UPDATE tasks SET state = 'hold'")  # take the task away: the queue looks empty
+    # Take the task away (from another connection, as it were): the queue looks empty.
+    execute_elsewhere(db.url, "UPDATE tasks SET state = 'hold'")
     q = queue(db, "worker-a", poll=60)
     fired: list[str] = []
 
     def store_and_wake() -> None:
         """Another coroutine stores a task and wakes the queue (both committed, then wake)."""
-        _sql(path, "UPDATE tasks SET state = 'queued'")
+        execute_elsewhere(db.url, "UPDATE tasks SET state = 'queued'")
         q.wake()
         fired.append("wake")
 

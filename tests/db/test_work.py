@@ -52,7 +52,7 @@ async def db(migrated: str) -> AsyncIterator[Database]:
 
 @pytest.fixture
 async def other_db(migrated: str) -> AsyncIterator[Database]:
-    """A second set of engines on the same file, as another worker process would have."""
+    """A second set of engines on the same database, as another worker process would have."""
     database = Database(migrated)
     yield database
     await database.close()
@@ -249,6 +249,21 @@ async def test_record_results_stores_outcomes(db: Database, tmp_path: Path) -> N
     assert rows[bad.id].error_message == f"image {bad.id}: HTTP 404"
     assert rows[bad.id].output_url is None
     assert await counters(db, accepted.request_id) == ("processing", 2, 0, 0, 1, 1)
+
+
+async def test_a_failure_message_with_a_nul_is_stored_written_out(
+    db: Database, tmp_path: Path
+) -> None:
+    accepted = await stage(db, tmp_path, [1])
+    (work,) = await start_all(db, accepted.request_id)
+    image_id = work.images[0].id
+    failure = ImageFailure(ErrorCode.HTTP_ERROR, "HTTP 500: \x00\x00 from the source")
+    assert await record(db, accepted.request_id, [ImageResult(image_id, 1, failure)])
+    async with db.read() as conn:
+        message = (
+            await conn.execute(select(t.images.c.error_message).where(t.images.c.id == image_id))
+        ).scalar_one()
+    assert message == "HTTP 500: \\0\\0 from the source"
 
 
 async def test_record_results_is_idempotent(db: Database, tmp_path: Path) -> None:

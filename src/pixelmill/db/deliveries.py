@@ -4,7 +4,8 @@ A delivery is inserted by the transaction that closes its request, so a finished
 request can never lack its webhook. Senders claim due deliveries with one conditional
 UPDATE that sets a lease (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so two processes
 never make the same attempt at once; an attempt whose sender died is claimed again
-once its lease expires. Results are recorded only by the holder of the claim.
+once its lease expires. Results are recorded only by the holder of the claim. Claims,
+results and releases are conditional, so they run again after a lost connection.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pixelmill.db import tables as t
 from pixelmill.db.clock import utcnow
-from pixelmill.db.engine import Database
+from pixelmill.db.engine import Database, retry_transient
 from pixelmill.domain import DeliveryState
 
 d = t.webhook_deliveries
@@ -66,6 +67,7 @@ def _due(now: float) -> ColumnElement[bool]:
     )
 
 
+@retry_transient
 async def claim_due(db: Database, *, limit: int, lease_seconds: float) -> list[ClaimedDelivery]:
     """Take up to ``limit`` due deliveries (oldest due first) for one attempt each."""
     now = time.time()
@@ -104,6 +106,7 @@ def _held(claim: ClaimedDelivery) -> ColumnElement[bool]:
     )
 
 
+@retry_transient
 async def record_attempt(
     db: Database,
     claim: ClaimedDelivery,
@@ -119,7 +122,7 @@ async def record_attempt(
     """
     values: dict[str, Any] = {
         "last_status_code": status_code,
-        "last_error": error[:2000] if error else None,
+        "last_error": t.bounded_text(error) if error else None,
         "next_attempt_at": next_attempt_at,
         "lease_token": None,
         "lease_expires_at": None,
@@ -135,6 +138,7 @@ async def record_attempt(
     return moved.rowcount == 1
 
 
+@retry_transient
 async def release(db: Database, claims: list[ClaimedDelivery]) -> None:
     """Give unfinished attempts back at once (shutdown): due now, the attempt not counted."""
     async with db.write() as conn:

@@ -2,24 +2,50 @@
 
 SQLite runs in WAL mode with a busy timeout; writes take the lock up front
 (``BEGIN IMMEDIATE``) and are serialised inside the process, so a reader never upgrades
-into a "database is locked" error. PostgreSQL uses one pooled engine with pre-ping.
+into a "database is locked" error. PostgreSQL (asyncpg) uses one pool with pre-ping, so
+a connection the server dropped while it sat idle is replaced before use; reads run in
+read-only REPEATABLE READ transactions (one snapshot across their statements). A unit of
+work that is safe to repeat can be marked :func:`retry_transient` to survive a
+connection lost in the middle of it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import functools
+import logging
+import random
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-SQLITE_BUSY_TIMEOUT_MS = 30_000
+log = logging.getLogger(__name__)
 
-_ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
+P = ParamSpec("P")
+T = TypeVar("T")
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+# A unit of work marked retry_transient runs at most this often, waiting about
+# 0.1, 0.3, 0.9 and 2 s between tries: long enough for a pool to reconnect, short
+# enough that a server that stays down is reported (and the task retried) soon.
+RETRY_ATTEMPTS = 5
+RETRY_BASE_DELAY = 0.1
+RETRY_MAX_DELAY = 2.0
+# SQLSTATEs that say nothing about the work itself: serialization failure, deadlock,
+# the connection exception class (08...), and the server shutting down or starting up.
+_TRANSIENT_SQLSTATES = ("40001", "40P01", "08", "57P01", "57P02", "57P03")
+
+_ASYNC_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",  # the spelling of many hosted-database URLs
+}
 
 
 class UnsupportedDatabaseError(ValueError):
@@ -55,6 +81,56 @@ def ensure_sqlite_dir(url: str) -> None:
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
+def is_transient(exc: BaseException) -> bool:
+    """True for a failure of the connection or a lost race, not of the statement.
+
+    A lost connection (the pool invalidated it), a server restart, a deadlock or a
+    serialization failure: the transaction did not happen, or (when the connection
+    dropped during COMMIT) it is unknown whether it did.
+    """
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        return str(getattr(exc.orig, "sqlstate", "") or "").startswith(_TRANSIENT_SQLSTATES)
+    return isinstance(exc, OSError)  # the network: refused, reset, timed out
+
+
+def retry_transient(
+    unit: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Run the unit of work again, on a fresh connection, when it fails transiently.
+
+    Only for units that are safe to repeat: whether an earlier try committed or not,
+    running it again must leave the same state (conditional, idempotent writes).
+    """
+
+    @functools.wraps(unit)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        attempt = 1
+        while True:
+            try:
+                return await unit(*args, **kwargs)
+            except Exception as exc:
+                if attempt >= RETRY_ATTEMPTS or not is_transient(exc):
+                    raise
+                delay = min(RETRY_MAX_DELAY, RETRY_BASE_DELAY * 3 ** (attempt - 1))
+                delay *= random.uniform(0.75, 1.25)
+                log.warning(
+                    "%s: transient database failure (%s); try %d of %d in %.2fs",
+                    unit.__qualname__, _brief(exc), attempt + 1, RETRY_ATTEMPTS, delay,
+                )  # fmt: skip
+                await asyncio.sleep(delay)
+                attempt += 1
+
+    return run
+
+
+def _brief(exc: BaseException) -> str:
+    """The driver's message, without the SQL statement SQLAlchemy appends."""
+    cause = exc.orig if isinstance(exc, DBAPIError) else exc
+    return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+
+
 class Database:
     """The engines of one database, with ``read()`` and ``write()`` units of work."""
 
@@ -73,7 +149,10 @@ class Database:
             self.writer = create_async_engine(
                 driver_url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
             )
-            self.reader = self.writer
+            # The same pool; its transactions see one snapshot and cannot write.
+            self.reader = self.writer.execution_options(
+                isolation_level="REPEATABLE READ", postgresql_readonly=True
+            )
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
 
     @staticmethod
@@ -109,5 +188,5 @@ class Database:
 
     async def close(self) -> None:
         await self.writer.dispose()
-        if self.reader is not self.writer:
+        if self.reader.sync_engine.pool is not self.writer.sync_engine.pool:
             await self.reader.dispose()

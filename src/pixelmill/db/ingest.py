@@ -5,7 +5,8 @@ on a thread while the previous batch is inserted, and every row is validated as 
 goes. The request, its products, its images and its tasks are committed together,
 or, if any row is wrong, nothing is (the transaction is rolled back and every problem
 found, up to 100, is reported). The tasks written here are the queue's outbox: no work
-can be lost between this commit and a worker.
+can be lost between this commit and a worker. Products and images, by far the most
+rows, go straight to the driver: ``COPY`` on PostgreSQL, ``executemany`` on SQLite.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -37,6 +38,9 @@ _TASK_COLUMNS = (
     "priority", "attempts", "available_at", "created_at",
 )  # fmt: skip
 _RAW_TABLES = {"products": (t.products, _PRODUCT_COLUMNS), "images": (t.images, _IMAGE_COLUMNS)}
+
+# Stores rows of ``_RAW_TABLES[name]`` in the staging transaction.
+_RowWriter = Callable[[str, list[tuple[Any, ...]]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,30 @@ def _insert_sql(conn: AsyncConnection, table: Table, columns: tuple[str, ...]) -
     return str(compiled)
 
 
+async def _row_writer(conn: AsyncConnection) -> _RowWriter:
+    """How products and images reach the database: COPY on PostgreSQL, else executemany."""
+    if conn.dialect.name != "postgresql":
+        sql = {name: _insert_sql(conn, table, cols) for name, (table, cols) in _RAW_TABLES.items()}
+
+        async def insert_many(name: str, rows: list[tuple[Any, ...]]) -> None:
+            await conn.exec_driver_sql(sql[name], rows)
+
+        return insert_many
+
+    # SQLAlchemy's asyncpg adapter begins the driver's transaction at the first statement
+    # it runs: run one, so the COPYs below belong to the staging transaction.
+    await conn.exec_driver_sql("SELECT 1")
+    driver = (await conn.get_raw_connection()).driver_connection
+    assert driver is not None and driver.is_in_transaction()
+
+    async def copy(name: str, rows: list[tuple[Any, ...]]) -> None:
+        # ``cells`` is JSON text, as the codec SQLAlchemy installs for json expects.
+        if rows:
+            await driver.copy_records_to_table(name, records=rows, columns=_RAW_TABLES[name][1])
+
+    return copy
+
+
 async def stage_request(
     db: Database,
     path: Path,
@@ -194,9 +222,7 @@ async def _store_batches(
     """Insert every batch while the next one is parsed; raise if any row was wrong."""
     # Products and images, by far the most rows, go straight to the driver; tasks (one
     # per block of rows) go through SQLAlchemy, which also converts their timestamps.
-    sql = {
-        name: _insert_sql(conn, table, columns) for name, (table, columns) in _RAW_TABLES.items()
-    }
+    write_rows = await _row_writer(conn)
     problems = _Problems()
     products = images = 0
     upcoming = asyncio.ensure_future(asyncio.to_thread(next, batches, None))
@@ -208,8 +234,8 @@ async def _store_batches(
                 continue  # keep reading to report every problem; store nothing more
             products += len(batch.products)
             images += len(batch.images)
-            await conn.exec_driver_sql(sql["products"], batch.products)
-            await conn.exec_driver_sql(sql["images"], batch.images)
+            await write_rows("products", batch.products)
+            await write_rows("images", batch.images)
             await _insert_tasks(conn, batch.tasks)
         last = blocks.close()
         if last and not problems.total:

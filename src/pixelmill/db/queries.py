@@ -32,6 +32,8 @@ def _owned(request_id: str, owner: str | None) -> Any:
 
 async def get_request(db: Database, request_id: str, owner: str | None) -> Row[Any] | None:
     """One request with its counters and webhook; None when unknown or someone else's."""
+    if "\x00" in request_id:
+        return None  # no stored id holds a NUL (and PostgreSQL refuses one in a query)
     async with db.read() as conn:
         return (await conn.execute(_WITH_WEBHOOK.where(_owned(request_id, owner)))).first()
 

@@ -20,9 +20,17 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 metadata = MetaData()
+
+
+def bounded_text(value: str, limit: int = 2000) -> str:
+    """Free text from outside (an error message, a receiver's answer) as every database
+    stores it: cut to ``limit`` characters, a NUL written out (PostgreSQL refuses one)."""
+    return value.replace("\x00", "\\0")[:limit]
+
 
 # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL wants BIGINT at scale.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -113,6 +121,16 @@ tasks = Table(
     UniqueConstraint("request_id", "kind", "seq", name="uq_tasks_request_kind_seq"),
 )
 Index("ix_tasks_claim", tasks.c.state, tasks.c.priority, tasks.c.id)
+# What a claim scans, in claim order: open tasks only, however many are done. A query
+# uses it when its WHERE repeats this literal condition (see queue/db.py).
+OPEN_TASK = text("state IN ('queued', 'leased')")
+Index(
+    "ix_tasks_open",
+    tasks.c.priority,
+    tasks.c.id,
+    postgresql_where=OPEN_TASK,
+    sqlite_where=OPEN_TASK,
+)
 Index("ix_tasks_unpublished", tasks.c.published_at)
 
 webhook_deliveries = Table(

@@ -2,7 +2,10 @@
 
 Every status move is a conditional UPDATE on the current status, and the request's
 counters move in the same transaction by exactly the number of rows that moved, so a
-redelivered task or a racing worker can never count an image twice.
+redelivered task or a racing worker can never count an image twice. Rows are locked in
+one order (images by id, then requests by id), so racing workers never deadlock; and
+because every write here is conditional, each unit of work may be run again after a
+lost connection (:func:`retry_transient`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from pixelmill.db import deliveries
 from pixelmill.db import tables as t
 from pixelmill.db.clock import utcnow
-from pixelmill.db.engine import Database
+from pixelmill.db.engine import Database, retry_transient
 from pixelmill.domain import (
     ImageFailure,
     ImageOutcome,
@@ -55,6 +58,7 @@ class ImageResult:
     outcome: ImageOutcome
 
 
+@retry_transient
 async def start_task(db: Database, task_id: int) -> TaskWork | None:
     """Mark the task's pending images ``processing`` and return those not yet terminal."""
     async with db.write() as conn:
@@ -152,7 +156,7 @@ def _result_values(result: ImageResult, now: datetime) -> dict[str, Any]:
         values.update(
             status=ImageStatus.FAILED.value,
             error_code=outcome.code.value,
-            error_message=outcome.message[:2000],
+            error_message=t.bounded_text(outcome.message),
         )
     return values
 
@@ -177,6 +181,7 @@ def _record_params(result: ImageResult, now: datetime) -> dict[str, Any]:
     return {"image_id": result.image_id, **{f"v_{name}": value for name, value in values.items()}}
 
 
+@retry_transient
 async def record_results(db: Database, results: list[tuple[str, ImageResult]]) -> list[str]:
     """Store terminal outcomes of images of any requests, in one transaction.
 
@@ -194,6 +199,7 @@ async def record_results(db: Database, results: list[tuple[str, ImageResult]]) -
                 .where(
                     t.images.c.id.in_(by_id) & (t.images.c.status == ImageStatus.PROCESSING.value)
                 )
+                .order_by(t.images.c.id)
                 .with_for_update()
             )
         ).scalars()
@@ -207,7 +213,7 @@ async def record_results(db: Database, results: list[tuple[str, ImageResult]]) -
             done = counts.setdefault(request_id, [0, 0])
             done[0 if isinstance(result.outcome, ProcessedImage) else 1] += 1
         finished = []
-        for request_id, (completed, failed) in counts.items():
+        for request_id, (completed, failed) in sorted(counts.items()):
             if await _count_terminal(conn, request_id, completed, failed, now):
                 await _queue_finalize(conn, request_id)
                 finished.append(request_id)
@@ -298,6 +304,7 @@ async def load_request(db: Database, request_id: str) -> Any:
         return (await conn.execute(select(t.requests).where(t.requests.c.id == request_id))).first()
 
 
+@retry_transient
 async def close_request(
     db: Database, request_id: str, output_key: str, output_csv_url: str | None = None
 ) -> bool:

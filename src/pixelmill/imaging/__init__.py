@@ -11,12 +11,17 @@ from pixelmill.storage import Storage
 
 def open_imaging(settings: Settings, storage: Storage) -> Imaging:
     """The imaging backend named by ``PIXELMILL_IMAGING_URL``; unknown schemes are refused."""
-    scheme = urlsplit(settings.imaging_url).scheme
+    scheme = urlsplit(settings.imaging_url.strip()).scheme
     if scheme == "inline":
         from pixelmill.imaging.inline import InlineImaging
 
         return InlineImaging(settings, storage)
+    if scheme in ("http", "https"):
+        from pixelmill.imaging.client import HttpImaging
+
+        # The services store the images in their own storage, not in ``storage``.
+        return HttpImaging(settings)
     raise ValueError(
         f"PIXELMILL_IMAGING_URL={settings.imaging_url!r}: unsupported scheme {scheme!r}; "
-        "use inline://"
+        "use inline:// or http://host:8001[,http://host2:8001...]"
     )

@@ -25,6 +25,16 @@ def open_queue(settings: Settings, db: Database, *, owner: str) -> Queue:
             # Workers give up on a task themselves (see Worker); this is the backstop.
             max_attempts=settings.task_attempts * 4,
         )
+    if scheme == "kafka":
+        from pixelmill.queue.kafka import KafkaConfig, KafkaQueue
+
+        return KafkaQueue(
+            KafkaConfig.from_url(settings.queue_url),
+            db,
+            buffer=settings.worker_tasks_in_flight,
+            max_attempts=settings.task_attempts * 4,
+        )
     raise ValueError(
-        f"PIXELMILL_QUEUE_URL={settings.queue_url!r}: unsupported scheme {scheme!r}; use db://"
+        f"PIXELMILL_QUEUE_URL={settings.queue_url!r}: unsupported scheme {scheme!r}; "
+        "use db:// or kafka://host:9092"
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from pixelmill.domain import TaskKind
@@ -16,6 +16,7 @@ class TaskMessage:
     request_id: str
     kind: TaskKind
     attempt: int
+    receipt: object = field(default=None, compare=False)  # the backend's handle
 
 
 class Queue(Protocol):
@@ -24,6 +25,10 @@ class Queue(Protocol):
     A received task is leased to the receiver until it is acknowledged, retried or
     released; a receiver that dies loses the lease and the task is delivered again.
     """
+
+    async def start(self) -> None:
+        """Connect, and start what runs in the background (e.g. an outbox relay)."""
+        ...
 
     async def receive(self, timeout: float) -> TaskMessage | None:
         """The next task, waiting up to ``timeout`` seconds; None when there was none."""

@@ -2,7 +2,9 @@
 
 A task is claimed by one conditional UPDATE (``FOR UPDATE SKIP LOCKED`` on
 PostgreSQL), so two workers never hold it at once; a worker renews its lease while it
-works, and a task whose lease ran out (its worker died) is claimed again.
+works, and a task whose lease ran out (its worker died) is claimed again. Claims and
+moves are retried after a lost connection: each is conditional, so a repeat is harmless
+(a claim whose reply was lost is claimed again when its lease runs out).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 from sqlalchemy import ColumnElement, and_, or_, select, update
 
 from pixelmill.db import tables as t
-from pixelmill.db.engine import Database
+from pixelmill.db.engine import Database, retry_transient
 from pixelmill.domain import TaskKind
 from pixelmill.queue.base import TaskMessage
 
@@ -40,6 +42,9 @@ class DbQueue:
         self.max_attempts = max_attempts
         self._wakeup = asyncio.Event()
 
+    async def start(self) -> None:
+        """Nothing to start: the table is the queue."""
+
     def wake(self) -> None:
         self._wakeup.set()
 
@@ -55,6 +60,7 @@ class DbQueue:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), min(self.poll_interval, remaining))
 
+    @retry_transient
     async def _claim(self) -> TaskMessage | None:
         now = time.time()
         claimable = or_(
@@ -63,7 +69,7 @@ class DbQueue:
         )
         candidate = (
             select(t_tasks.c.id)
-            .where(claimable)
+            .where(and_(t.OPEN_TASK, claimable))  # literal: the planner uses ix_tasks_open
             .order_by(t_tasks.c.priority, t_tasks.c.id)
             .limit(1)
         )
@@ -97,6 +103,7 @@ class DbQueue:
             t_tasks.c.state == "leased",
         )
 
+    @retry_transient
     async def renew(self, message: TaskMessage) -> bool:
         async with self.db.write() as conn:
             result = await conn.execute(
@@ -117,7 +124,7 @@ class DbQueue:
             available_at=time.time() + delay,
             lease_owner=None,
             lease_expires_at=None,
-            last_error=error[:2000],
+            last_error=t.bounded_text(error),
         )
 
     async def release(self, message: TaskMessage) -> None:
@@ -131,6 +138,7 @@ class DbQueue:
             attempts=t_tasks.c.attempts - 1,
         )
 
+    @retry_transient
     async def _set(self, message: TaskMessage, **values: object) -> None:
         async with self.db.write() as conn:
             await conn.execute(update(t_tasks).where(self._mine(message)).values(**values))

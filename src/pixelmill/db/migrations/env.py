@@ -1,4 +1,10 @@
-"""Alembic environment: runs the migrations on the async engine of the configured URL."""
+"""Alembic environment: runs the migrations on the async engine of the configured URL.
+
+The whole upgrade is one transaction, and processes that start together (an api and
+its workers) take turns: one migrates, the others wait for it, then find nothing to do.
+SQLite takes its write lock when the transaction begins (the app's writer engine does
+``BEGIN IMMEDIATE``); PostgreSQL takes an advisory lock.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +12,13 @@ import asyncio
 
 from alembic import context
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from pixelmill.db.engine import async_url
+from pixelmill.db.engine import Database
 from pixelmill.db.tables import metadata
 
 config = context.config
+
+MIGRATION_LOCK_ID = 0x706978656C6D  # "pixelm", the PostgreSQL advisory lock of upgrades
 
 
 def _run(connection: Connection) -> None:
@@ -21,15 +28,19 @@ def _run(connection: Connection) -> None:
         render_as_batch=connection.dialect.name == "sqlite",
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Held until the transaction ends; the version is read once it is taken.
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
         context.run_migrations()
 
 
 async def _run_async() -> None:
-    engine = create_async_engine(async_url(config.get_main_option("sqlalchemy.url") or ""))
-    async with engine.connect() as connection:
-        await connection.run_sync(_run)
-        await connection.commit()
-    await engine.dispose()
+    db = Database(config.get_main_option("sqlalchemy.url") or "", pool_size=1)
+    try:
+        async with db.writer.begin() as connection:
+            await connection.run_sync(_run)
+    finally:
+        await db.close()
 
 
 def _run_offline() -> None:

@@ -1,0 +1,74 @@
+"""The JSON of ``POST /v1/process``, shared by the imaging service and its client.
+
+Request: ``{"source_url", "options": {"quality", "max_width", "max_height", "format"},
+"output_key"}``, where ``output_key`` is the stem (the service adds the extension).
+Answer (always HTTP 200 once the service has judged the image): the fields of
+:class:`ProcessedImage`, or ``{"error": {"code", "message", "transient", "retry_after"}}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from pixelmill.domain import (
+    ErrorCode,
+    ImageFailure,
+    ImageOutcome,
+    ProcessedImage,
+    ProcessingOptions,
+)
+
+PROCESS_PATH = "/v1/process"
+_RESULT_FIELDS = tuple(field.name for field in dataclasses.fields(ProcessedImage))
+_CODES = frozenset(code.value for code in ErrorCode)
+
+
+def request_body(source_url: str, options: ProcessingOptions, output_stem: str) -> dict[str, Any]:
+    """The body the client posts for one image."""
+    return {"source_url": source_url, "options": options.as_dict(), "output_key": output_stem}
+
+
+def outcome_to_json(outcome: ImageOutcome) -> dict[str, Any]:
+    """The body the service answers for one image."""
+    if isinstance(outcome, ImageFailure):
+        return {
+            "error": {
+                "code": outcome.code.value,
+                "message": outcome.message,
+                "transient": outcome.is_transient,
+                "retry_after": outcome.retry_after,
+            }
+        }
+    return dataclasses.asdict(outcome)
+
+
+def outcome_from_json(body: object) -> ImageOutcome:
+    """The outcome in a service's answer; ``ValueError`` when the body is not one."""
+    if not isinstance(body, dict):
+        raise ValueError(f"expected a JSON object, got {type(body).__name__}")
+    error = body.get("error")
+    if isinstance(error, dict):
+        return _failure_from_json(error)
+    try:
+        return ProcessedImage(**{name: body[name] for name in _RESULT_FIELDS})
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"not an imaging result: missing {exc}") from None
+
+
+def _failure_from_json(error: dict[str, Any]) -> ImageFailure:
+    try:
+        name, message, transient = str(error["code"]), str(error["message"]), error["transient"]
+    except KeyError as exc:
+        raise ValueError(f"not an imaging error: missing {exc}") from None
+    if name in _CODES:
+        code = ErrorCode(name)
+    else:  # a newer service: keep its word on retrying, under a code this side knows
+        code, message = ErrorCode.INTERNAL_ERROR, f"{name}: {message}"
+    retry_after = error.get("retry_after")
+    return ImageFailure(
+        code,
+        message,
+        transient=bool(transient),
+        retry_after=float(retry_after) if retry_after is not None else None,
+    )

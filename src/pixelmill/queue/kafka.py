@@ -1,0 +1,422 @@
+"""The Kafka queue: tasks as records of a topic, workers as one consumer group.
+
+``kafka://host1:9092,host2:9092?topic=pixelmill.tasks&partitions=12&group=pixelmill``
+
+- Publishing goes through the transactional outbox: the upload commits its tasks in
+  the database; an :class:`~pixelmill.queue.outbox.OutboxRelay` publishes them and
+  marks them sent. A crash in between republishes; duplicates are harmless because
+  processing is idempotent. No idempotent or transactional producer is needed.
+- A background pump polls the consumer all the time and pauses the partitions while
+  the local buffer is full, so slow tasks never push a worker out of the group
+  (``max.poll.interval``).
+- Offsets are committed only below the lowest task still in hand (per partition), so
+  a task is never committed before its results are stored.
+- A task that fails as a whole goes to ``<topic>.retry`` with a due time, and after
+  the last attempt to ``<topic>.dead``; its row in the ``tasks`` table says so too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import IllegalStateError, KafkaError, TopicAlreadyExistsError
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
+from sqlalchemy import update
+
+from pixelmill.db import tables as t
+from pixelmill.db.engine import Database
+from pixelmill.domain import TaskKind
+from pixelmill.queue.base import TaskMessage
+from pixelmill.queue.outbox import OutboxRelay, TaskRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """Where the tasks go, read from ``PIXELMILL_QUEUE_URL``."""
+
+    bootstrap: str
+    topic: str = "pixelmill.tasks"
+    partitions: int = 12
+    group: str = "pixelmill-workers"
+    # How fast the group notices a dead worker and gives its partitions to others.
+    session_timeout_ms: int = 10_000
+
+    @classmethod
+    def from_url(cls, url: str) -> KafkaConfig:
+        parts = urlsplit(url)
+        if parts.scheme != "kafka" or not parts.netloc:
+            raise ValueError(
+                f"PIXELMILL_QUEUE_URL={url!r}: expected kafka://host:9092[,host2:9092]"
+                "?topic=...&partitions=..."
+            )
+        query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+        unknown = set(query) - {"topic", "partitions", "group", "session_timeout_ms"}
+        if unknown:
+            raise ValueError(f"PIXELMILL_QUEUE_URL: unknown parameter(s) {sorted(unknown)}")
+        return cls(
+            bootstrap=parts.netloc,
+            topic=query.get("topic", cls.topic),
+            partitions=int(query.get("partitions", cls.partitions)),
+            group=query.get("group", cls.group),
+            session_timeout_ms=int(query.get("session_timeout_ms", cls.session_timeout_ms)),
+        )
+
+    @property
+    def retry_topic(self) -> str:
+        return f"{self.topic}.retry"
+
+    @property
+    def dead_topic(self) -> str:
+        return f"{self.topic}.dead"
+
+
+@dataclass
+class _Receipt:
+    """Where a delivered task came from, so that it can be acknowledged."""
+
+    partition: TopicPartition
+    offset: int
+    generation: int
+
+
+@dataclass
+class _PartitionOffsets:
+    """Offsets in hand and done for one partition; commits stay below the lowest in hand."""
+
+    in_hand: set[int] = field(default_factory=set)
+    highest_done: int = -1
+
+    def commit_point(self) -> int | None:
+        """The offset to commit (the next one to read after a restart), if any."""
+        if self.in_hand:
+            return min(self.in_hand)
+        return self.highest_done + 1 if self.highest_done >= 0 else None
+
+
+def encode_task(task: TaskRecord, attempt: int = 0, not_before: float = 0.0) -> bytes:
+    """The record value of a task."""
+    return json.dumps(
+        {
+            "task_id": task.task_id,
+            "request_id": task.request_id,
+            "kind": task.kind,
+            "attempt": attempt,
+            "not_before": not_before,
+        }
+    ).encode()
+
+
+class KafkaQueue:
+    """A :class:`~pixelmill.queue.base.Queue` on Kafka, with the outbox relay inside."""
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        db: Database,
+        *,
+        buffer: int = 8,
+        max_attempts: int = 5,
+        publish_interval: float = 1.0,
+    ) -> None:
+        self.config = config
+        self.db = db
+        self.max_attempts = max_attempts
+        self._buffer: asyncio.Queue[TaskMessage] = asyncio.Queue()
+        self._buffer_size = buffer
+        self._delayed: list[tuple[float, int, TaskMessage]] = []
+        self._offsets: dict[TopicPartition, _PartitionOffsets] = {}
+        # Bumped when a partition is revoked: receipts of older deliveries are void.
+        self._generations: dict[TopicPartition, int] = {}
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._started = asyncio.Lock()
+        self.relay = OutboxRelay(db, self._publish, interval=publish_interval)
+        self._relay_task: asyncio.Task[None] | None = None
+
+    # -- life cycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the topics if missing, start the producer and the outbox relay."""
+        async with self._started:
+            if self._producer is not None:
+                return
+            await self._ensure_topics()
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.config.bootstrap, enable_idempotence=False, acks="all"
+            )
+            await producer.start()
+            self._producer = producer
+            self._relay_task = asyncio.create_task(self.relay.run(), name="pixelmill-outbox")
+            log.info("kafka queue on %s, topic %s", self.config.bootstrap, self.config.topic)
+
+    async def _ensure_topics(self) -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.config.bootstrap)
+        await admin.start()
+        try:
+            existing = set(await admin.list_topics())
+            wanted = [
+                NewTopic(name, num_partitions=self.config.partitions, replication_factor=1)
+                for name in (self.config.topic, self.config.retry_topic, self.config.dead_topic)
+                if name not in existing
+            ]
+            if wanted:
+                with contextlib.suppress(TopicAlreadyExistsError):
+                    await admin.create_topics(wanted)
+        finally:
+            await admin.close()
+
+    async def _start_consumer(self) -> None:
+        if self._consumer is not None:
+            return
+        await self.start()
+        async with self._started:  # several worker slots call receive() at once
+            if self._consumer is None:
+                await self._create_consumer()
+
+    async def _create_consumer(self) -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.config.bootstrap,
+            group_id=self.config.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self._buffer_size,
+            session_timeout_ms=self.config.session_timeout_ms,
+            heartbeat_interval_ms=max(100, self.config.session_timeout_ms // 5),
+        )
+        consumer.subscribe([self.config.topic, self.config.retry_topic], listener=_Rebalance(self))
+        await consumer.start()
+        self._consumer = consumer
+        self._pump = asyncio.create_task(self._pump_forever(), name="pixelmill-kafka-pump")
+
+    async def close(self) -> None:
+        self.relay.stop()
+        for task in (self._pump, self._relay_task):
+            if task:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._consumer is not None:
+            await self._commit()
+            await self._consumer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+
+    # -- publishing -----------------------------------------------------------------
+
+    async def _publish(self, tasks: list[TaskRecord]) -> None:
+        assert self._producer is not None
+        sends = [
+            await self._producer.send(
+                self.config.topic,
+                encode_task(task),
+                # One request's tasks spread over the partitions, so many workers share it.
+                key=f"{task.request_id}:{task.seq}:{task.kind}".encode(),
+            )
+            for task in tasks
+        ]
+        await asyncio.gather(*sends)
+
+    def wake(self) -> None:
+        """New tasks are in the outbox: publish them now."""
+        self.relay.wake()
+
+    # -- consuming ------------------------------------------------------------------
+
+    async def receive(self, timeout: float) -> TaskMessage | None:
+        await self._start_consumer()
+        try:
+            message = await asyncio.wait_for(self._buffer.get(), timeout)
+        except TimeoutError:
+            return None
+        attempt = await self._count_delivery(message.task_id)
+        return TaskMessage(
+            message.task_id, message.request_id, message.kind, attempt, message.receipt
+        )
+
+    async def _count_delivery(self, task_id: int) -> int:
+        """Deliveries are counted in the database: Kafka redelivers without telling."""
+        async with self.db.write() as conn:
+            row = (
+                await conn.execute(
+                    update(t.tasks)
+                    .where(t.tasks.c.id == task_id)
+                    .values(attempts=t.tasks.c.attempts + 1, state="leased")
+                    .returning(t.tasks.c.attempts)
+                )
+            ).first()
+        return int(row.attempts) if row else 1
+
+    async def _pump_forever(self) -> None:
+        assert self._consumer is not None
+        consumer = self._consumer
+        while True:
+            self._release_due()
+            full = self._buffer.qsize() >= self._buffer_size
+            assigned = consumer.assignment()
+            if full:
+                consumer.pause(*assigned)
+            else:
+                consumer.resume(*assigned)
+            try:
+                batches = await consumer.getmany(timeout_ms=200)
+            except KafkaError as exc:
+                log.warning("kafka poll failed: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for partition, records in batches.items():
+                for record in records:
+                    self._accept(partition, record.offset, record.value)
+
+    def _accept(self, partition: TopicPartition, offset: int, value: bytes | None) -> None:
+        try:
+            body = json.loads(value or b"{}")
+            message = TaskMessage(
+                int(body["task_id"]),
+                str(body["request_id"]),
+                TaskKind(body["kind"]),
+                int(body.get("attempt", 0)),
+                _Receipt(partition, offset, self._generations.get(partition, 0)),
+            )
+        except (ValueError, KeyError, TypeError):
+            log.error("skipping a malformed task record at %s@%d", partition, offset)
+            self._offsets.setdefault(partition, _PartitionOffsets()).highest_done = offset
+            return
+        self._offsets.setdefault(partition, _PartitionOffsets()).in_hand.add(offset)
+        not_before = float(body.get("not_before") or 0)
+        if not_before > time.time():
+            heapq.heappush(self._delayed, (not_before, offset, message))
+        else:
+            self._buffer.put_nowait(message)
+
+    def _release_due(self) -> None:
+        now = time.time()
+        while self._delayed and self._delayed[0][0] <= now:
+            self._buffer.put_nowait(heapq.heappop(self._delayed)[2])
+
+    def _receipt(self, message: TaskMessage) -> _Receipt | None:
+        receipt = message.receipt
+        if not isinstance(receipt, _Receipt):
+            return None
+        if receipt.generation != self._generations.get(receipt.partition, 0):
+            return None  # its partition was revoked meanwhile: someone else owns it now
+        return receipt
+
+    @property
+    def assigned_partitions(self) -> set[TopicPartition]:
+        """The partitions this member consumes now (empty before it joined the group)."""
+        return set(self._consumer.assignment()) if self._consumer else set()
+
+    async def renew(self, message: TaskMessage) -> bool:
+        """No lease to renew: the task is ours while its partition is assigned to us."""
+        return self._receipt(message) is not None
+
+    async def ack(self, message: TaskMessage) -> None:
+        await self._mark(message.task_id, "done")
+        await self._done(message)
+
+    async def retry(self, message: TaskMessage, delay: float, error: str) -> None:
+        dead = message.attempt >= self.max_attempts
+        topic = self.config.dead_topic if dead else self.config.retry_topic
+        record = TaskRecord(message.task_id, message.request_id, message.kind.value, 0)
+        assert self._producer is not None
+        await self._producer.send_and_wait(
+            topic,
+            encode_task(record, message.attempt, time.time() + delay),
+            key=f"{message.request_id}:{message.task_id}".encode(),
+        )
+        await self._mark(message.task_id, "dead" if dead else "queued", error)
+        await self._done(message)
+
+    async def release(self, message: TaskMessage) -> None:
+        """Leave it uncommitted: whoever owns the partition next receives it again."""
+
+    async def _mark(self, task_id: int, state: str, error: str | None = None) -> None:
+        values: dict[str, Any] = {"state": state}
+        if error is not None:
+            values["last_error"] = error[:2000]
+        async with self.db.write() as conn:
+            await conn.execute(update(t.tasks).where(t.tasks.c.id == task_id).values(**values))
+
+    async def _done(self, message: TaskMessage) -> None:
+        receipt = self._receipt(message)
+        if receipt is None:
+            return
+        offsets = self._offsets.setdefault(receipt.partition, _PartitionOffsets())
+        offsets.in_hand.discard(receipt.offset)
+        offsets.highest_done = max(offsets.highest_done, receipt.offset)
+        await self._commit()
+
+    async def _commit(self, partitions: set[TopicPartition] | None = None) -> None:
+        """Commit below the lowest offset in hand, on the partitions still ours.
+
+        A failed commit is not an error of the task: the offsets are committed with the
+        next one, or the tasks are redelivered to the partition's next owner and
+        skipped there as already done.
+        """
+        if self._consumer is None:
+            return
+        assigned = self._consumer.assignment()
+        points = {
+            partition: OffsetAndMetadata(point, "")
+            for partition, offsets in self._offsets.items()
+            if partition in assigned
+            and (partitions is None or partition in partitions)
+            and (point := offsets.commit_point()) is not None
+        }
+        if not points:
+            return
+        try:
+            await self._consumer.commit(points)
+        except (KafkaError, IllegalStateError) as exc:
+            log.warning("committing offsets failed (a rebalance?): %s", exc)
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Commit what is done on the partitions we lose, then forget them."""
+        await self._commit(revoked)
+        for partition in revoked:
+            self._generations[partition] = self._generations.get(partition, 0) + 1
+            self._offsets.pop(partition, None)
+        for message in _drain(self._buffer):
+            if _receipt_partition(message) not in revoked:
+                self._buffer.put_nowait(message)
+        self._delayed = [
+            (due, offset, message)
+            for due, offset, message in self._delayed
+            if _receipt_partition(message) not in revoked
+        ]
+        heapq.heapify(self._delayed)
+
+
+def _drain(queue: asyncio.Queue[TaskMessage]) -> list[TaskMessage]:
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
+
+
+def _receipt_partition(message: TaskMessage) -> TopicPartition | None:
+    receipt = message.receipt
+    return receipt.partition if isinstance(receipt, _Receipt) else None
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, queue: KafkaQueue) -> None:
+        self.queue = queue
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.queue.on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("kafka partitions assigned: %s", sorted(p.partition for p in assigned))

