@@ -5,44 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 from sqlalchemy import select, update
 
-from pixelmill.config import Settings
 from pixelmill.csvio import CsvLimits
 from pixelmill.db import deliveries
 from pixelmill.db import tables as t
 from pixelmill.db.engine import Database
 from pixelmill.db.ingest import stage_request
-from pixelmill.db.migrate import upgrade
 from pixelmill.db.work import ImageResult, close_request, record_results, start_task
 from pixelmill.domain import ErrorCode, ImageFailure, ProcessingOptions
 
 HOOK = "https://hooks.example/done"
-
-
-@pytest.fixture
-def migrated(settings: Settings) -> str:
-    upgrade(settings.database_url)  # outside the event loop: Alembic runs its own
-    return settings.database_url
-
-
-@pytest.fixture
-async def db(migrated: str) -> AsyncIterator[Database]:
-    database = Database(migrated)
-    yield database
-    await database.close()
-
-
-@pytest.fixture
-async def other_db(db: Database) -> AsyncIterator[Database]:
-    """A second set of engines on the same database, as another worker process would have."""
-    database = Database(db.url)
-    yield database
-    await database.close()
 
 
 async def finished_request(

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from pixelmill.config import Settings
 from pixelmill.db import engine
 from pixelmill.db import tables as t
 from pixelmill.db.engine import (
@@ -18,21 +15,7 @@ from pixelmill.db.engine import (
     is_transient,
     retry_transient,
 )
-from pixelmill.db.migrate import upgrade
 from tests.support.databases import execute_elsewhere, terminate_other_connections
-
-
-@pytest.fixture
-def migrated(settings: Settings) -> str:
-    upgrade(settings.database_url)  # outside the event loop: Alembic runs its own
-    return settings.database_url
-
-
-@pytest.fixture
-async def db(migrated: str) -> AsyncIterator[Database]:
-    database = Database(migrated)
-    yield database
-    await database.close()
 
 
 @pytest.fixture

@@ -5,35 +5,20 @@ from __future__ import annotations
 import csv
 import itertools
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import event, func, select
 
-from pixelmill.config import Settings
 from pixelmill.csvio import MAX_PROBLEMS, CsvLimits, CsvRejected
 from pixelmill.db import tables as t
 from pixelmill.db.engine import Database
 from pixelmill.db.ingest import PROCESS_PRIORITY, AcceptedRequest, stage_request
-from pixelmill.db.migrate import upgrade
 from pixelmill.domain import ProcessingOptions
 
 HEADER = ["S. No.", "Product Name", "Input Image Urls"]
-
-
-@pytest.fixture
-def migrated(settings: Settings) -> str:
-    upgrade(settings.database_url)  # outside the event loop: Alembic runs its own
-    return settings.database_url
-
-
-@pytest.fixture
-async def db(migrated: str) -> AsyncIterator[Database]:
-    database = Database(migrated)
-    yield database
-    await database.close()
 
 
 def write_csv(path: Path, rows: Sequence[Sequence[object]], header: Sequence[str] = HEADER) -> Path:

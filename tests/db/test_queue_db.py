@@ -6,19 +6,16 @@ import asyncio
 import contextlib
 import csv
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import event, select
 
-from pixelmill.config import Settings
 from pixelmill.csvio import CsvLimits
 from pixelmill.db import tables as t
 from pixelmill.db.engine import Database
 from pixelmill.db.ingest import AcceptedRequest, stage_request
-from pixelmill.db.migrate import upgrade
 from pixelmill.db.work import ImageResult, record_results, start_task
 from pixelmill.domain import ErrorCode, ImageFailure, ProcessingOptions, TaskKind
 from pixelmill.queue.base import TaskMessage
@@ -26,27 +23,6 @@ from pixelmill.queue.db import DbQueue
 from tests.support.databases import execute_elsewhere
 
 LEASE = 0.5
-
-
-@pytest.fixture
-def migrated(settings: Settings) -> str:
-    upgrade(settings.database_url)  # outside the event loop: Alembic runs its own
-    return settings.database_url
-
-
-@pytest.fixture
-async def db(migrated: str) -> AsyncIterator[Database]:
-    database = Database(migrated)
-    yield database
-    await database.close()
-
-
-@pytest.fixture
-async def other_db(migrated: str) -> AsyncIterator[Database]:
-    """A second set of engines on the same database, as another worker process would have."""
-    database = Database(migrated)
-    yield database
-    await database.close()
 
 
 async def stage(db: Database, tmp_path: Path, rows: int, name: str = "in.csv") -> AcceptedRequest:

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import csv
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
 from sqlalchemy import func, select
 
-from pixelmill.config import Settings
 from pixelmill.csvio import CsvLimits
 from pixelmill.db import tables as t
 from pixelmill.db.engine import Database
 from pixelmill.db.ingest import AcceptedRequest, stage_request
-from pixelmill.db.migrate import upgrade
 from pixelmill.db.work import (
     FINALIZE_PRIORITY,
     ImageResult,
@@ -35,27 +32,6 @@ from pixelmill.domain import (
     ProcessedImage,
     ProcessingOptions,
 )
-
-
-@pytest.fixture
-def migrated(settings: Settings) -> str:
-    upgrade(settings.database_url)  # outside the event loop: Alembic runs its own
-    return settings.database_url
-
-
-@pytest.fixture
-async def db(migrated: str) -> AsyncIterator[Database]:
-    database = Database(migrated)
-    yield database
-    await database.close()
-
-
-@pytest.fixture
-async def other_db(migrated: str) -> AsyncIterator[Database]:
-    """A second set of engines on the same database, as another worker process would have."""
-    database = Database(migrated)
-    yield database
-    await database.close()
 
 
 async def stage(
