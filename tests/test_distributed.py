@@ -1,0 +1,146 @@
+"""Distributed mode: an API and three workers on PostgreSQL and Kafka, one killed mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.databases import PostgresServer
+from tests.support.image_host import ImageHost
+from tests.support.images import PHOTOS
+from tests.support.kafka import TansuBroker
+from tests.support.server import free_port
+from tests.support.waiting import wait_until
+
+ROWS = 150
+
+
+class Cluster:
+    """``pixelmill api`` and ``pixelmill worker`` processes sharing one set of URLs."""
+
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        self.root = root
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **env, "PIXELMILL_PUBLIC_URL": self.base_url}
+        self.api: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = (self.root / f"{name}.log").open("ab")
+        return subprocess.Popen(
+            [sys.executable, "-m", "pixelmill", *args], env=self.env, stdout=log, stderr=log
+        )
+
+    def start(self, workers: int) -> Cluster:
+        self.api = self._spawn("api", "api", "--port", str(self.port))
+        wait_until(self._ready, timeout=60, what="pixelmill api")
+        self.workers = [self._spawn(f"worker-{i}", "worker") for i in range(workers)]
+        return self
+
+    def _ready(self) -> bool:
+        assert self.api is not None
+        if self.api.poll() is not None:
+            raise AssertionError((self.root / "api.log").read_text()[-3000:])
+        try:
+            return httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def get(self, path: str) -> dict:
+        return dict(httpx.get(f"{self.base_url}{path}", timeout=30).json())
+
+    def stop(self) -> None:
+        for process in [*self.workers, self.api]:
+            if process and process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+
+
+@pytest.fixture
+def cluster(
+    tmp_path: Path, postgres: PostgresServer, kafka_broker: TansuBroker
+) -> Iterator[Cluster]:
+    database_url = postgres.create_database()
+    topic = f"distributed-{uuid.uuid4().hex[:8]}"
+    env = {
+        "PIXELMILL_DATA_DIR": str(tmp_path / "data"),
+        "PIXELMILL_DATABASE_URL": database_url,
+        "PIXELMILL_QUEUE_URL": kafka_broker.queue_url(topic, partitions=6),
+        "PIXELMILL_ALLOW_PRIVATE_URLS": "true",
+        "PIXELMILL_WORKER_CONCURRENCY": "4",
+        "PIXELMILL_TASK_MAX_IMAGES": "10",
+    }
+    running = Cluster(tmp_path, env)
+    try:
+        yield running.start(workers=3)
+    finally:
+        running.stop()
+        postgres.drop_database(database_url)
+
+
+def test_three_workers_share_a_request_and_survive_a_kill_9(
+    cluster: Cluster, image_host: ImageHost
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    lines = ["S. No.,Product Name,Input Image Urls"]
+    urls: list[str] = []
+    for row in range(ROWS):
+        pair = [
+            image_host.url(f"slow/40/{PHOTOS[(row + k) % len(PHOTOS)]}?d={tag}-{row}-{k}")
+            for k in range(2)
+        ]
+        urls += pair
+        lines.append(f'{row + 1},P{row + 1},"{", ".join(pair)}"')
+    response = httpx.post(
+        f"{cluster.base_url}/api/v1/requests",
+        files={"file": ("p.csv", ("\n".join(lines) + "\n").encode(), "text/csv")},
+        timeout=60,
+    )
+    assert response.status_code == 202, response.text
+    request_id = response.json()["request_id"]
+    status_path = f"/api/v1/requests/{request_id}"
+
+    wait_until(
+        lambda: cluster.get(status_path)["progress"]["completed"] >= 60,
+        timeout=120,
+        what="60 images done",
+    )
+    victim = cluster.workers[0]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=10)
+    products = cluster.get(f"/api/v1/requests/{request_id}/products?limit=1000")["items"]
+    done_at_kill = {
+        image["input_url"]
+        for product in products
+        for image in product["images"]
+        if image["status"] in ("completed", "failed")
+    }
+    assert len(done_at_kill) < len(urls), "killed mid-request"
+
+    status = wait_until(
+        lambda: (body := cluster.get(status_path))["finished_at"] and body,
+        timeout=240,
+        interval=0.3,
+        what="the request to finish",
+    )
+    assert status["status"] == "completed"
+    assert status["progress"]["completed"] == len(urls) and status["progress"]["failed"] == 0
+    products = cluster.get(f"/api/v1/requests/{request_id}/products?limit=1000")["items"]
+    statuses = [image["status"] for product in products for image in product["images"]]
+    assert statuses.count("completed") == len(urls), "the counters match the images"
+    stored = list((cluster.root / "data" / "files" / request_id).glob("*.jpg"))
+    assert len(stored) == len(urls), "one stored object per image"
+    for url in urls:
+        hits = image_host.hits[url.split(f":{image_host.port}", 1)[1]]
+        assert hits >= 1, f"{url} never fetched"
+        if url in done_at_kill:
+            assert hits == 1, f"{url} was done before the kill but fetched again"
