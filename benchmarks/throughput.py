@@ -133,7 +133,7 @@ class TreeMonitor:
 class Window:
     """CPU spent on the whole machine over a measured window, split by who spent it.
 
-    Other sessions' builds and tests may share this machine: ``background_cores`` is the
+    Other builds and test runs may share this machine: ``background_cores`` is the
     CPU that neither the contender, the static server nor this harness spent, per second
     of the window (0 on a quiet machine; up to the core count on a busy one).
     """
