@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +14,7 @@ from tests.support.databases import PostgresServer
 from tests.support.image_host import ImageHost
 from tests.support.images import PHOTOS
 from tests.support.kafka import TansuBroker
-from tests.support.server import free_port
+from tests.support.server import PixelmillProcess, free_port
 from tests.support.waiting import wait_until
 
 ROWS = 150
@@ -31,38 +28,25 @@ class Cluster:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env, "PIXELMILL_PUBLIC_URL": self.base_url}
-        self.api: subprocess.Popen[bytes] | None = None
-        self.workers: list[subprocess.Popen[bytes]] = []
-
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = (self.root / f"{name}.log").open("ab")
-        return subprocess.Popen(
-            [sys.executable, "-m", "pixelmill", *args], env=self.env, stdout=log, stderr=log
+        self.api = PixelmillProcess(
+            ["api", "--port", str(self.port)], self.env, root / "api.log", f"{self.base_url}/readyz"
         )
+        self.workers: list[PixelmillProcess] = []
 
     def start(self, workers: int) -> Cluster:
-        self.api = self._spawn("api", "api", "--port", str(self.port))
-        wait_until(self._ready, timeout=60, what="pixelmill api")
-        self.workers = [self._spawn(f"worker-{i}", "worker") for i in range(workers)]
+        self.api.start()
+        self.workers = [
+            PixelmillProcess(["worker"], self.env, self.root / f"worker-{i}.log", None).start()
+            for i in range(workers)
+        ]
         return self
-
-    def _ready(self) -> bool:
-        assert self.api is not None
-        if self.api.poll() is not None:
-            raise AssertionError((self.root / "api.log").read_text()[-3000:])
-        try:
-            return httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
 
     def get(self, path: str) -> dict:
         return dict(httpx.get(f"{self.base_url}{path}", timeout=30).json())
 
     def stop(self) -> None:
         for process in [*self.workers, self.api]:
-            if process and process.poll() is None:
-                process.kill()
-                process.wait(timeout=10)
+            process.stop()
 
 
 @pytest.fixture
@@ -114,9 +98,7 @@ def test_three_workers_share_a_request_and_survive_a_kill_9(
         timeout=120,
         what="60 images done",
     )
-    victim = cluster.workers[0]
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=10)
+    cluster.workers[0].kill9()
     products = cluster.get(f"/api/v1/requests/{request_id}/products?limit=1000")["items"]
     done_at_kill = {
         image["input_url"]

@@ -225,6 +225,10 @@ def test_missing_column_and_bad_options(server: ServeProcess) -> None:
     assert response.status_code == 415
     assert "multipart" in response.json()["error"]["message"]
 
+    response = server.post("/upload", json={"rows": []})
+    assert response.status_code == 415
+    assert "application/json" in response.json()["error"]["message"]
+
 
 def test_unknown_request_is_404_and_unfinished_output_is_409(
     server: ServeProcess, image_host: ImageHost

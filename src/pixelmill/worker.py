@@ -42,7 +42,8 @@ def worker_name() -> str:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter; a source's Retry-After wins when longer."""
+    """Exponential backoff with equal jitter (half to all of the delay); a source's
+    Retry-After wins when longer."""
 
     attempts: int = 4
     base_delay: float = 0.5

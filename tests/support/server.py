@@ -1,4 +1,4 @@
-"""A real ``pixelmill serve`` process on a free port, that tests can kill and restart."""
+"""Real ``pixelmill`` processes on free ports, that tests can kill and restart."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -21,42 +21,41 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class ServeProcess:
-    """``pixelmill serve`` with its own data dir; logs go to ``data_dir/serve.log``."""
+class PixelmillProcess:
+    """A ``pixelmill`` command in a subprocess, its output in a log file.
 
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            **os.environ,
-            "PIXELMILL_DATA_DIR": str(data_dir),
-            "PIXELMILL_ALLOW_PRIVATE_URLS": "true",
-            "PIXELMILL_LEASE_SECONDS": "3",
-            "PIXELMILL_POLL_INTERVAL": "0.1",
-            **(env or {}),
-        }
+    With a ``health_url``, :meth:`start` returns once that URL answers 200, and fails
+    at once with the log if the process exits first.
+    """
+
+    def __init__(
+        self, args: list[str], env: dict[str, str], log_path: Path, health_url: str | None
+    ) -> None:
+        self.args = args
+        self.env = env
+        self.log_path = log_path
+        self.health_url = health_url
         self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = data_dir / "serve.log"
 
-    def start(self) -> ServeProcess:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "pixelmill", "serve", "--port", str(self.port)],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        wait_until(self._healthy, timeout=60, what=f"pixelmill serve on {self.port}")
+    def start(self) -> Self:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pixelmill", *self.args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        if self.health_url:
+            wait_until(self._healthy, timeout=60, what=f"pixelmill {' '.join(self.args)}")
         return self
 
     def _healthy(self) -> bool:
-        assert self.process is not None
+        assert self.process is not None and self.health_url
         if self.process.poll() is not None:
-            raise AssertionError(f"pixelmill serve exited early:\n{self.log()}")
+            raise AssertionError(f"pixelmill {self.args[0]} exited early:\n{self.log()}")
         try:
-            return httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200
+            return httpx.get(self.health_url, timeout=2).status_code == 200
         except httpx.TransportError:
             return False
 
@@ -77,6 +76,29 @@ class ServeProcess:
         if self.process and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+
+
+class ServeProcess(PixelmillProcess):
+    """``pixelmill serve`` with its own data dir; logs go to ``data_dir/serve.log``."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        full_env = {
+            **os.environ,
+            "PIXELMILL_DATA_DIR": str(data_dir),
+            "PIXELMILL_ALLOW_PRIVATE_URLS": "true",
+            "PIXELMILL_LEASE_SECONDS": "3",
+            "PIXELMILL_POLL_INTERVAL": "0.1",
+            **(env or {}),
+        }
+        super().__init__(
+            ["serve", "--port", str(self.port)],
+            full_env,
+            data_dir / "serve.log",
+            f"{self.base_url}/readyz",
+        )
 
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
         return httpx.get(f"{self.base_url}{path}", timeout=30, **kwargs)

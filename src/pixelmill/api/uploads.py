@@ -24,6 +24,11 @@ from pixelmill.api.schemas import UploadOptions
 from pixelmill.imaging.addresses import AddressPolicy
 from pixelmill.webhooks.sender import literal_refusal, resolved_refusal
 
+# Bodies read as raw CSV: what clients and browsers send for a .csv file, or nothing.
+_RAW_CSV_TYPES = frozenset(
+    {"", "text/csv", "text/plain", "application/csv", "application/vnd.ms-excel",
+     "application/octet-stream"}
+)  # fmt: skip
 _OPTION_FIELDS = ("webhook_url", "quality", "max_width", "max_height", "format")
 
 
@@ -101,14 +106,15 @@ async def received_upload(
     path = Path(name)
     try:
         content_type = request.headers.get("content-type", "")
-        if content_type.startswith("multipart/form-data"):
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if media_type == "multipart/form-data":
             options = await _receive_multipart(request, path, max_bytes, allow_private)
-        elif content_type.startswith("application/x-www-form-urlencoded"):
+        elif media_type not in _RAW_CSV_TYPES:
             raise ApiError(
                 415,
                 "unsupported_media_type",
-                "send the CSV as a multipart 'file' part (curl -F file=@products.csv) "
-                "or as a text/csv body",
+                f"a {media_type} body is not a CSV upload: send the CSV as a multipart "
+                "'file' part (curl -F file=@products.csv) or as a text/csv body",
             )
         else:
             options = parse_options(dict(request.query_params), allow_private=allow_private)
