@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     imaging_url: str = "inline://"
     storage_url: str = ""
     public_url: str = "http://127.0.0.1:8000"
+    log_level: str = "INFO"
+    # Where stored files are served from (a CDN, a bucket's website); default PUBLIC_URL/files.
+    storage_base_url: str = ""
     # Connections per process kept open to the database (PostgreSQL may open as many
     # again at peaks): keep processes x 2 x this under the server's max_connections.
     database_pool_size: int = Field(default=10, ge=1)
@@ -64,6 +67,9 @@ class Settings(BaseSettings):
     ingest_batch_rows: int = Field(default=2000, ge=1)
 
     # Worker
+    # Worker processes that ``serve`` and ``process`` run (one event loop and one GIL
+    # each); unset: one per core; 0: the worker runs inside the serving process itself.
+    worker_processes: int | None = Field(default=None, ge=0)
     worker_concurrency: int = Field(default=16, ge=1)
     worker_tasks_in_flight: int = Field(default=4, ge=1)
     lease_seconds: float = Field(default=60.0, gt=0)
@@ -135,7 +141,15 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{(self.data_dir / 'pixelmill.db').resolve()}"
         if not self.storage_url:
             self.storage_url = f"file://{(self.data_dir / 'files').resolve()}"
+        self.storage_base_url = (self.storage_base_url or f"{self.public_url}/files").rstrip("/")
         return self
+
+    @property
+    def worker_process_count(self) -> int:
+        """How many worker processes ``serve`` and ``process`` run (0: in-process)."""
+        if self.worker_processes is None:
+            return os.cpu_count() or 1
+        return self.worker_processes
 
     @property
     def samples_prefix(self) -> str:

@@ -22,7 +22,6 @@ from pixelmill.db import work
 from pixelmill.db.ingest import stage_request
 from pixelmill.domain import ProcessingOptions
 from pixelmill.runtime import Runtime
-from pixelmill.storage import LocalStorage
 
 
 async def run_oneshot(
@@ -45,11 +44,12 @@ async def run_oneshot(
                 "queue_url": "db://",
                 # The images must land in OUT, not in an imaging service's storage.
                 "imaging_url": "inline://",
+                "storage_url": f"file://{(out / 'images').resolve()}",
+                "storage_base_url": "images",
                 "poll_interval": 0.05,
             }
         )
-        storage = LocalStorage(out / "images", "images")
-        runtime = await Runtime.open(local, migrate=True, storage=storage)
+        runtime = await Runtime.open(local, migrate=True)
         try:
             try:
                 accepted = await stage_request(
@@ -67,11 +67,18 @@ async def run_oneshot(
                 for problem in exc.problems[:20]:
                     console.print(f"  line {problem.line}, {problem.column}: {problem.message}")
                 return 2
+            # This process works too, beside the other worker processes (one per core),
+            # which are worth starting only when there is more than one task to share.
             runtime.start_worker()
+            extra_processes = local.worker_process_count - 1
+            if extra_processes > 0 and accepted.images > local.task_max_images:
+                await runtime.start_workers(extra_processes)
             row = await _follow(runtime, accepted.request_id, accepted.images, console)
         finally:
             await runtime.close()
-    shutil.move(str(storage.local_path(row.output_key)), out / "output.csv")
+    output_csv = runtime.storage.local_path(row.output_key)
+    assert output_csv is not None  # the storage is a local folder
+    shutil.move(output_csv, out / "output.csv")
     console.print(
         f"{row.status}: {row.completed} completed, {row.failed} failed -> {out / 'output.csv'}"
     )
@@ -92,4 +99,4 @@ async def _follow(runtime: Runtime, request_id: str, total: int, console: Consol
             bar.update(task, completed=row.completed + row.failed)
             if row.finished_at is not None:
                 return row
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.1)

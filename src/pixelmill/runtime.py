@@ -13,6 +13,7 @@ from pixelmill.imaging import open_imaging
 from pixelmill.imaging.base import Imaging
 from pixelmill.queue import Queue, open_queue
 from pixelmill.storage import Storage, open_storage
+from pixelmill.supervisor import WorkerProcesses
 from pixelmill.webhooks.dispatcher import WebhookDispatcher
 from pixelmill.worker import Worker, worker_name
 
@@ -30,6 +31,7 @@ class Runtime:
     imaging: Imaging | None = None
     worker: Worker | None = None
     dispatcher: WebhookDispatcher | None = None
+    worker_processes: WorkerProcesses | None = None
     _worker_task: asyncio.Task[None] | None = field(default=None, repr=False)
     _dispatcher_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -41,7 +43,7 @@ class Runtime:
         if migrate:
             await upgrade_async(settings.database_url)
         db = Database(settings.database_url, pool_size=settings.database_pool_size)
-        storage = storage or open_storage(settings.storage_url, settings.public_url)
+        storage = storage or open_storage(settings.storage_url, settings.storage_base_url)
         queue = open_queue(settings, db, owner=worker_name())
         await queue.start()
         log.info(
@@ -70,6 +72,15 @@ class Runtime:
         self._worker_task = asyncio.create_task(self.worker.run(), name="pixelmill-worker")
         return self.worker
 
+    async def start_workers(self, processes: int) -> None:
+        """Start this process's workers: ``processes`` child processes, or (0) one worker
+        inside this process, beside whatever else it serves."""
+        if processes == 0:
+            self.start_worker()
+            return
+        self.worker_processes = WorkerProcesses(self.settings, processes)
+        await self.worker_processes.start()
+
     def wake_webhooks(self) -> None:
         """Have this process's dispatcher, if it runs one, look for due deliveries now."""
         if self.dispatcher:
@@ -82,7 +93,9 @@ class Runtime:
         await self.close()
 
     async def close(self) -> None:
-        """Stop the worker and the dispatcher (both graceful), then close every connection."""
+        """Stop the workers and the dispatcher (all graceful), then close every connection."""
+        if self.worker_processes:
+            await self.worker_processes.stop(self.settings.shutdown_grace_seconds + 10)
         if self.worker:
             self.worker.stop()
         if self.dispatcher:

@@ -7,13 +7,16 @@ other schemes (``s3://``) plug in through :func:`open_storage`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import os
 import re
-import tempfile
+import threading
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import quote, urlsplit
 
+_serial = itertools.count()
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")
 
 
@@ -25,6 +28,10 @@ class Storage(Protocol):
     """Objects by key; every write is whole and idempotent (same key, same bytes)."""
 
     async def put_bytes(self, key: str, data: bytes, content_type: str) -> None: ...
+
+    def put_bytes_blocking(self, key: str, data: bytes, content_type: str) -> None:
+        """:meth:`put_bytes` for a caller already off the event loop (an imaging thread)."""
+        ...
 
     async def put_file(self, key: str, path: Path, content_type: str) -> None: ...
 
@@ -59,20 +66,28 @@ class LocalStorage:
     async def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         await asyncio.to_thread(self._write, self.local_path(key), data)
 
+    def put_bytes_blocking(self, key: str, data: bytes, content_type: str) -> None:
+        self._write(self.local_path(key), data)
+
     async def put_file(self, key: str, path: Path, content_type: str) -> None:
         target = self.local_path(key)
         await asyncio.to_thread(self._move_or_copy, path, target)
 
     @staticmethod
     def _write(target: Path, data: bytes) -> None:
+        # The temporary name is unique to this process and thread, so writers never
+        # share one; a crash leaves at most a ``.tmp-*`` file, never a partial object.
+        tmp = target.parent / f".tmp-{os.getpid()}-{threading.get_ident()}-{next(_serial)}"
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.fchmod(fd, 0o644)  # whatever the umask: stored objects are public
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; stored objects are public
             os.replace(tmp, target)
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             raise StorageError(f"cannot write {target}: {exc.strerror or exc}") from exc
 
     @staticmethod
@@ -85,11 +100,12 @@ class LocalStorage:
             LocalStorage._write(target, source.read_bytes())
 
 
-def open_storage(url: str, public_url: str) -> Storage:
-    """The storage named by ``PIXELMILL_STORAGE_URL``; an unknown scheme is an error."""
+def open_storage(url: str, base_url: str) -> Storage:
+    """The storage named by ``PIXELMILL_STORAGE_URL``, its objects served under
+    ``base_url`` (``PIXELMILL_STORAGE_BASE_URL``); an unknown scheme is an error."""
     parts = urlsplit(url)
     if parts.scheme == "file":
-        return LocalStorage(Path(parts.netloc + parts.path), f"{public_url}/files")
+        return LocalStorage(Path(parts.netloc + parts.path), base_url)
     raise ValueError(
         f"PIXELMILL_STORAGE_URL={url!r}: unsupported scheme {parts.scheme!r}; "
         "use file:///path/to/folder"

@@ -55,6 +55,11 @@ class RetryPolicy:
         return min(self.max_delay, max(jittered, retry_after or 0.0))
 
 
+@dataclass
+class _Lease:
+    lost: bool = False
+
+
 class Worker:
     """Runs tasks from ``queue`` until asked to stop."""
 
@@ -136,8 +141,9 @@ class Worker:
 
     async def _handle(self, message: TaskMessage) -> None:
         poison = message.kind is TaskKind.PROCESS and message.attempt > self.settings.task_attempts
+        lease = _Lease()
         try:
-            async with self._lease(message):
+            async with self._lease(message, lease):
                 if poison:
                     # Taken this often without an ack: its workers died on it (a crash or
                     # an OOM kill). Fail what is left rather than kill workers forever.
@@ -149,7 +155,14 @@ class Worker:
                 else:
                     await self.process_task(message.task_id)
         except asyncio.CancelledError:
-            raise
+            if not lease.lost:
+                raise
+            # Someone else may hold the task now: give up our claim on it, no more.
+            current = asyncio.current_task()
+            assert current is not None
+            current.uncancel()
+            await self.queue.release(message)
+            return
         except Exception as exc:
             log.exception("task %s failed (attempt %d)", message.task_id, message.attempt)
             await self.queue.retry(message, self.retry.delay(message.attempt), repr(exc))
@@ -157,7 +170,7 @@ class Worker:
         await self.queue.ack(message)
 
     @contextlib.asynccontextmanager
-    async def _lease(self, message: TaskMessage) -> AsyncIterator[None]:
+    async def _lease(self, message: TaskMessage, lease: _Lease) -> AsyncIterator[None]:
         """Renew the task's lease while it runs; cancel the work if the lease is lost."""
         current = asyncio.current_task()
         assert current is not None
@@ -173,6 +186,7 @@ class Worker:
                     continue
                 if not renewed:
                     log.warning("lost the lease of task %s; abandoning it", message.task_id)
+                    lease.lost = True
                     current.cancel()
                     return
 

@@ -67,7 +67,7 @@ def create_app(
         runtime = await Runtime.open(settings, migrate=migrate)
         app.state.runtime = runtime
         if run_worker:
-            runtime.start_worker()
+            await runtime.start_workers(settings.worker_process_count)
         try:
             yield
         finally:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pyvips
 
@@ -19,7 +20,7 @@ from pixelmill.domain import (
 )
 from pixelmill.imaging.addresses import AddressPolicy
 from pixelmill.imaging.fetch import FetchedBody, Fetcher, FetchLimits
-from pixelmill.imaging.ops import EncodedImage, ImageLimits, process_image
+from pixelmill.imaging.ops import ImageLimits, process_image
 from pixelmill.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -71,12 +72,29 @@ class InlineImaging:
         fetched = await self.fetcher.fetch(source_url)
         if isinstance(fetched, ImageFailure):
             return fetched
-        encoded = await self._transform(fetched, options, started)
+        loop = asyncio.get_running_loop()
+        async with self._cpu_slots:
+            try:
+                outcome = await loop.run_in_executor(
+                    self._pool, self._transform_and_store, fetched, options, output_stem, started
+                )
+            except Exception as exc:  # a bug or a libvips crash must not kill the worker
+                log.exception("processing %s failed", fetched.url)
+                return ImageFailure(ErrorCode.INTERNAL_ERROR, f"processing failed: {exc}")
+        if isinstance(outcome, ProcessedImage):
+            return replace(outcome, duration_ms=(time.monotonic() - started) * 1000)
+        return outcome
+
+    def _transform_and_store(
+        self, fetched: FetchedBody, options: ProcessingOptions, output_stem: str, started: float
+    ) -> ImageOutcome:
+        """The CPU work and the write, in one trip to the pool (runs in a pool thread)."""
+        encoded = process_image(fetched.data, options, self.limits, started + self.total_timeout)
         if isinstance(encoded, ImageFailure):
             return encoded
         key = f"{output_stem}.{encoded.extension}"
         try:
-            await self.storage.put_bytes(key, encoded.data, content_type(encoded.format))
+            self.storage.put_bytes_blocking(key, encoded.data, content_type(encoded.format))
         except StorageError as exc:
             return ImageFailure(ErrorCode.STORAGE_ERROR, str(exc))
         return ProcessedImage(
@@ -90,22 +108,7 @@ class InlineImaging:
             source_quality=encoded.source_quality,
             output_quality=encoded.output_quality,
             kept_source=encoded.kept_source,
-            duration_ms=(time.monotonic() - started) * 1000,
         )
-
-    async def _transform(
-        self, fetched: FetchedBody, options: ProcessingOptions, started: float
-    ) -> EncodedImage | ImageFailure:
-        deadline = started + self.total_timeout
-        loop = asyncio.get_running_loop()
-        async with self._cpu_slots:
-            try:
-                return await loop.run_in_executor(
-                    self._pool, process_image, fetched.data, options, self.limits, deadline
-                )
-            except Exception as exc:  # a bug or a libvips crash must not kill the worker
-                log.exception("processing %s failed", fetched.url)
-                return ImageFailure(ErrorCode.INTERNAL_ERROR, f"processing failed: {exc}")
 
     async def close(self) -> None:
         await self.fetcher.close()

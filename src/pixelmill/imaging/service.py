@@ -93,7 +93,7 @@ def create_imaging_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        storage = open_storage(settings.storage_url, settings.public_url)
+        storage = open_storage(settings.storage_url, settings.storage_base_url)
         app.state.imaging = InlineImaging(settings, storage)
         log.info(
             "pixelmill imaging: storage=%s public_url=%s threads=%d max_in_flight=%d",

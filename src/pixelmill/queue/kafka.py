@@ -340,14 +340,21 @@ class KafkaQueue:
         await self._done(message)
 
     async def release(self, message: TaskMessage) -> None:
-        """Leave it uncommitted: whoever owns the partition next receives it again."""
+        """Leave it uncommitted: whoever owns the partition next receives it again; the
+        row says ``queued`` until then."""
+        await self._mark(message.task_id, "queued", only_from="leased")
 
-    async def _mark(self, task_id: int, state: str, error: str | None = None) -> None:
+    async def _mark(
+        self, task_id: int, state: str, error: str | None = None, only_from: str | None = None
+    ) -> None:
         values: dict[str, Any] = {"state": state}
         if error is not None:
             values["last_error"] = error[:2000]
+        row = t.tasks.c.id == task_id
+        if only_from is not None:
+            row = row & (t.tasks.c.state == only_from)
         async with self.db.write() as conn:
-            await conn.execute(update(t.tasks).where(t.tasks.c.id == task_id).values(**values))
+            await conn.execute(update(t.tasks).where(row).values(**values))
 
     async def _done(self, message: TaskMessage) -> None:
         receipt = self._receipt(message)
