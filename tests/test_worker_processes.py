@@ -1,0 +1,88 @@
+"""``serve`` runs its workers as child processes: watched, restarted, and gone with it."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from tests.support.image_host import ImageHost
+from tests.support.images import PHOTOS
+from tests.support.server import ServeProcess
+from tests.support.waiting import wait_until
+
+
+def children_of(pid: int) -> set[int]:
+    """The live processes whose parent is ``pid`` (read from /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(entry.name))
+    return found
+
+
+def workers_of(pid: int, without: int | None = None) -> set[int] | None:
+    """The two worker processes of ``pid`` once both run (and ``without`` is not one)."""
+    kids = children_of(pid)
+    return kids if len(kids) == 2 and without not in kids else None
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def process_one_image(server: ServeProcess, image_host: ImageHost, tag: str) -> dict:
+    body = f"S. No.,Product Name,Input Image Urls\n1,P,{image_host.url(f'img/{PHOTOS[0]}?{tag}')}\n"
+    accepted = server.post("/api/v1/requests", files={"file": ("p.csv", body, "text/csv")})
+    assert accepted.status_code == 202, accepted.text
+    return server.wait_finished(accepted.json()["request_id"], timeout=60)
+
+
+def test_a_dead_worker_process_is_replaced_and_all_die_with_serve(
+    tmp_path: Path, image_host: ImageHost
+) -> None:
+    server = ServeProcess(tmp_path / "serve", env={"PIXELMILL_WORKER_PROCESSES": "2"}).start()
+    try:
+        assert server.process is not None
+        serve_pid = server.process.pid
+        first = wait_until(lambda: workers_of(serve_pid), timeout=30, what="two workers")
+        assert process_one_image(server, image_host, "before")["status"] == "completed"
+
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        replaced = wait_until(
+            lambda: workers_of(serve_pid, without=victim), timeout=30, what="a replacement"
+        )
+        assert replaced - first, "a new process took the dead one's place"
+        assert process_one_image(server, image_host, "after")["status"] == "completed"
+
+        server.kill9()
+        wait_until(
+            lambda: not any(alive(pid) for pid in replaced),
+            timeout=10,
+            what="the worker processes gone with serve",
+        )
+    finally:
+        server.stop()
+
+
+def test_sigterm_stops_the_worker_processes_and_exits_zero(tmp_path: Path) -> None:
+    server = ServeProcess(tmp_path / "serve", env={"PIXELMILL_WORKER_PROCESSES": "2"}).start()
+    assert server.process is not None
+    serve_pid = server.process.pid
+    workers = wait_until(lambda: workers_of(serve_pid), timeout=30, what="two workers")
+    wait_until(lambda: server.log().count("worker started") == 2, timeout=30, what="both ready")
+    assert server.terminate(timeout=60) == 0, server.log()
+    assert not any(alive(pid) for pid in workers), "no worker process outlives serve"
+    assert "did not stop in time" not in server.log()
