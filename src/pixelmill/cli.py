@@ -155,16 +155,18 @@ def worker(
     """A long-running worker: takes tasks from the queue until SIGTERM or SIGINT."""
     from pixelmill.supervisor import child_settings
 
-    settings = child_settings() or _settings(worker_concurrency=concurrency)
+    handed_down = child_settings()
+    settings = handed_down or _settings(worker_concurrency=concurrency)
     _logging(settings.log_level)
-    _run_async(_run_worker(settings))
+    # A worker process of ``serve`` or ``process``: its parent has migrated already.
+    _run_async(_run_worker(settings, migrate=handed_down is None))
 
 
-async def _run_worker(settings: Settings) -> None:
+async def _run_worker(settings: Settings, migrate: bool = True) -> None:
     from pixelmill.runtime import Runtime
     from pixelmill.supervisor import follow_parent
 
-    runtime = await Runtime.open(settings, migrate=True)
+    runtime = await Runtime.open(settings, migrate=migrate)
     worker = runtime.start_worker()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -87,6 +87,7 @@ class Settings(BaseSettings):
     fetch_read_timeout: float = 20.0
     fetch_total_timeout: float = 60.0
     max_pixels: int = 50_000_000
+    max_frames: int = Field(default=1000, ge=1)
     user_agent: str = "pixelmill/0.1 (+https://github.com/pixelmill/pixelmill)"
     min_output_quality: int = Field(default=10, ge=1, le=100)
 

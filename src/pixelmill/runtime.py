@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 from pixelmill.config import Settings
 from pixelmill.db.engine import Database
-from pixelmill.db.migrate import upgrade_async
 from pixelmill.imaging import open_imaging
 from pixelmill.imaging.base import Imaging
 from pixelmill.queue import Queue, open_queue
@@ -41,6 +40,8 @@ class Runtime:
     ) -> Runtime:
         """Build the parts named by the settings; unknown URL schemes fail here, at start."""
         if migrate:
+            from pixelmill.db.migrate import upgrade_async  # Alembic: only where it runs
+
             await upgrade_async(settings.database_url)
         db = Database(settings.database_url, pool_size=settings.database_pool_size)
         storage = storage or open_storage(settings.storage_url, settings.storage_base_url)

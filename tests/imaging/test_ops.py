@@ -505,6 +505,20 @@ def test_pixel_limit_is_configurable(corpus: Path) -> None:
     assert ok(run(data, limits=ImageLimits(max_pixels=240_000))).width == 600
 
 
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
+def test_frame_limit_refuses_long_animations(photo: Image.Image, fmt: str) -> None:
+    frames = [photo.rotate(angle).convert("P" if fmt == "GIF" else "RGB") for angle in range(5)]
+    out = io.BytesIO()
+    frames[0].save(out, fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    data = out.getvalue()
+
+    failure = failed(run(data, limits=ImageLimits(max_frames=4)))
+    assert failure.code == ErrorCode.TOO_MANY_PIXELS
+    assert "5 frames" in failure.message
+    first = ok(run(data, limits=ImageLimits(max_frames=5)))
+    assert (first.width, first.height) == photo.size, "only the first frame, as a still"
+
+
 def test_expired_deadline_is_a_timeout(corpus: Path) -> None:
     failure = failed(run((corpus / "coffee.jpg").read_bytes(), deadline=time.monotonic() - 1))
 

@@ -44,7 +44,9 @@ class InlineImaging:
     def __init__(self, settings: Settings, storage: Storage) -> None:
         self.storage = storage
         self.total_timeout = settings.fetch_total_timeout
-        self.limits = ImageLimits(settings.max_pixels, settings.min_output_quality)
+        self.limits = ImageLimits(
+            settings.max_pixels, settings.min_output_quality, settings.max_frames
+        )
         self.fetcher = Fetcher(
             AddressPolicy(allow_private=settings.allow_private_urls),
             FetchLimits(

@@ -49,6 +49,7 @@ class ImageLimits:
 
     max_pixels: int = 50_000_000
     min_output_quality: int = 10
+    max_frames: int = 1000
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,13 @@ def _too_many_pixels(width: int, height: int, limits: ImageLimits) -> _Failed:
 def _step_check_pixels(image: pyvips.Image, limits: ImageLimits) -> None:
     if image.width * image.height > limits.max_pixels:
         raise _too_many_pixels(image.width, image.height, limits)
+    # Only the first frame is decoded, but a source of countless frames is still refused.
+    frames = int(image.get("n-pages")) if image.get_typeof("n-pages") else 1
+    if frames > limits.max_frames:
+        raise _fail(
+            ErrorCode.TOO_MANY_PIXELS,
+            f"the source has {frames} frames; the limit is {limits.max_frames}",
+        )
 
 
 def _orientation(image: pyvips.Image) -> int:
