@@ -69,7 +69,7 @@ async def run_oneshot(
                 return 2
             # This process works too, beside the other worker processes (one per core),
             # which are worth starting only when there is more than one task to share.
-            runtime.start_worker()
+            runtime.start_worker(webhooks=False)  # a one-shot request has no webhook
             extra_processes = local.worker_process_count - 1
             if extra_processes > 0 and accepted.images > local.task_max_images:
                 await runtime.start_workers(extra_processes)

@@ -29,7 +29,7 @@ class ResultRecorder:
         db: Database,
         on_finished: Callable[[str], None],
         max_batch: int = 500,
-        window: float = 0.05,
+        window: float = 0.15,
     ) -> None:
         self.db = db
         self.on_finished = on_finished

@@ -56,19 +56,22 @@ class Runtime:
         )
         return cls(settings, db, storage, queue)
 
-    def start_worker(self) -> Worker:
-        """Start a worker, and the webhook dispatcher beside it, in this process's loop."""
+    def start_worker(self, webhooks: bool = True) -> Worker:
+        """Start a worker, and (unless told not to) the webhook dispatcher beside it, in
+        this process's loop."""
         self.imaging = open_imaging(self.settings, self.storage)
-        dispatcher = WebhookDispatcher(self.settings, self.db)
-        self.dispatcher = dispatcher
-        self._dispatcher_task = asyncio.create_task(dispatcher.run(), name="pixelmill-webhooks")
+        if webhooks:
+            self.dispatcher = WebhookDispatcher(self.settings, self.db)
+            self._dispatcher_task = asyncio.create_task(
+                self.dispatcher.run(), name="pixelmill-webhooks"
+            )
         self.worker = Worker(
             self.settings,
             self.db,
             self.queue,
             self.imaging,
             self.storage,
-            on_closed=lambda _request_id: dispatcher.wake(),
+            on_closed=lambda _request_id: self.wake_webhooks(),
         )
         self._worker_task = asyncio.create_task(self.worker.run(), name="pixelmill-worker")
         return self.worker

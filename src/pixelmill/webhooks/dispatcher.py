@@ -26,6 +26,9 @@ from pixelmill.webhooks.signing import WebhookSigner, load_or_create_secret
 log = logging.getLogger(__name__)
 
 
+MIN_POLL_SECONDS = 0.5
+
+
 class WebhookDispatcher:
     """Sends due webhook deliveries until :meth:`stop`."""
 
@@ -40,6 +43,10 @@ class WebhookDispatcher:
         )
         # An attempt ends within the timeout; the lease outlives it by a wide margin.
         self.lease_seconds = 2 * settings.webhook_timeout + 10
+        # Deliveries this process queues wake it at once; the poll finds the others (due
+        # retries, redeliveries asked of another process), and need not be as eager as
+        # the task queue's.
+        self._poll_seconds = max(settings.poll_interval, MIN_POLL_SECONDS)
         self._signer: WebhookSigner | None = None
         self._inflight: dict[asyncio.Task[None], ClaimedDelivery] = {}
         self._wakeup = asyncio.Event()
@@ -88,7 +95,7 @@ class WebhookDispatcher:
             waits |= set(self._inflight)  # every slot is busy: wait for one to free up
         try:
             await asyncio.wait(
-                waits, timeout=self.settings.poll_interval, return_when=asyncio.FIRST_COMPLETED
+                waits, timeout=self._poll_seconds, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
             woken.cancel()
