@@ -340,7 +340,11 @@ class KafkaQueue:
         await self._done(message)
 
     async def release(self, message: TaskMessage) -> None:
-        """Leave it uncommitted: whoever owns the partition next receives it again."""
+        """Leave it uncommitted: whoever owns the partition next receives it again.
+
+        Its row says ``queued`` again, so that no task of a stopped worker looks held.
+        """
+        await self._mark(message.task_id, "queued")
 
     async def _mark(self, task_id: int, state: str, error: str | None = None) -> None:
         values: dict[str, Any] = {"state": state}
