@@ -4,7 +4,8 @@ Routes:
 - ``/img/NAME``: the file NAME of the corpus.
 - ``/status/CODE``: answers CODE with an empty body.
 - ``/flaky/KEY/NAME``: answers 500 the first time KEY is seen, then NAME.
-- ``/reset/KEY/NAME``: resets the connection the first time KEY is seen, then NAME.
+- ``/reset/KEY/NAME``: the first time KEY is seen, sends half of NAME and resets the
+  connection; then NAME.
 - ``/huge/MB``: a 200 of MB mebibytes (a stated length, streamed until the client leaves).
 - ``/gate/ROUTE...``: waits until ``gate`` is set (it is, unless a test clears it), then
   answers as ``/ROUTE...``.
@@ -97,7 +98,7 @@ class ImageHost:
                 self._send_file(handler, segments[2])
         elif kind == "reset":
             if self._first_time(f"reset/{segments[1]}"):
-                self._reset(handler)
+                self._reset(handler, (self.root / segments[2]).read_bytes())
             else:
                 self._send_file(handler, segments[2])
         elif kind == "huge":
@@ -123,8 +124,14 @@ class ImageHost:
         return first
 
     @staticmethod
-    def _reset(handler: BaseHTTPRequestHandler) -> None:
-        """Close with a TCP reset (SO_LINGER 0) instead of an answer."""
+    def _reset(handler: BaseHTTPRequestHandler, body: bytes) -> None:
+        """Send half of the answer, then close with a TCP reset (SO_LINGER 0)."""
+        handler.send_response(200)
+        handler.send_header("Content-Type", "image/jpeg")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body[: len(body) // 2])
+        handler.wfile.flush()
         sock = handler.connection
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         handler.close_connection = True
