@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck clean bench
+.PHONY: install run test soak lint typecheck clean bench
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,6 +19,14 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/mypy
 	$(PY) -m pytest
+
+# The reliability suite at ten times its scale: 20,000 images and 30 worker kills,
+# 50 uploads of 200 rows, larger faulty requests (see docs/reliability.md). Figures
+# of the run go to reliability-figures.json. Takes tens of minutes; not run in CI.
+SOAK ?= 10
+soak: $(STAMP)
+	PIXELMILL_SOAK=$(SOAK) PIXELMILL_RELIABILITY_FIGURES=reliability-figures.json \
+		$(PY) -m pytest tests/reliability -p no:cacheprovider -o timeout=3600
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

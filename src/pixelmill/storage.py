@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import re
 import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import quote, urlsplit
@@ -24,12 +27,32 @@ class StorageError(Exception):
     """Storing or reading an object failed."""
 
 
+@dataclass(frozen=True)
+class StoredObject:
+    """An object found in storage: its key, its size and the metadata stored with it."""
+
+    key: str
+    size: int
+    metadata: dict[str, str]
+
+
 class Storage(Protocol):
     """Objects by key; every write is whole and idempotent (same key, same bytes)."""
 
-    async def put_bytes(self, key: str, data: bytes, content_type: str) -> None: ...
+    async def put_bytes(
+        self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str] | None = None
+    ) -> None:
+        """Store ``data`` under ``key``; ``metadata`` is stored with it, in the same write."""
+        ...
 
-    def put_bytes_blocking(self, key: str, data: bytes, content_type: str) -> None:
+    async def find(self, stem: str, extensions: Iterable[str]) -> StoredObject | None:
+        """The object stored under ``stem.EXT`` for one of ``extensions`` with metadata,
+        or None (an object stored without metadata is not reported)."""
+        ...
+
+    def put_bytes_blocking(
+        self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str] | None = None
+    ) -> None:
         """:meth:`put_bytes` for a caller already off the event loop (an imaging thread)."""
         ...
 
@@ -49,6 +72,11 @@ def check_key(key: str) -> str:
     return key
 
 
+# Metadata of a local object: a JSON object in one extended attribute of its file, set
+# on the temporary file before the rename, so an object never exists without it.
+METADATA_ATTRIBUTE = "user.pixelmill.metadata"
+
+
 class LocalStorage:
     """Objects as files under one folder, written atomically (temp file + rename)."""
 
@@ -63,18 +91,40 @@ class LocalStorage:
     def url_for(self, key: str) -> str:
         return f"{self.base_url}/{quote(check_key(key))}"
 
-    async def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
-        await asyncio.to_thread(self._write, self.local_path(key), data)
+    async def put_bytes(
+        self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str] | None = None
+    ) -> None:
+        await asyncio.to_thread(self._write, self.local_path(key), data, metadata)
 
-    def put_bytes_blocking(self, key: str, data: bytes, content_type: str) -> None:
-        self._write(self.local_path(key), data)
+    async def find(self, stem: str, extensions: Iterable[str]) -> StoredObject | None:
+        # A few stat-sized calls on a local folder: not worth a thread hop.
+        for extension in extensions:
+            key = f"{stem}.{extension}"
+            path = self.local_path(key)
+            try:
+                raw = os.getxattr(path, METADATA_ATTRIBUTE)
+                size = os.stat(path).st_size
+            except OSError:  # absent, or stored without metadata (or none supported)
+                continue
+            try:
+                metadata = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(metadata, dict):
+                return StoredObject(key, size, {str(k): str(v) for k, v in metadata.items()})
+        return None
+
+    def put_bytes_blocking(
+        self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str] | None = None
+    ) -> None:
+        self._write(self.local_path(key), data, metadata)
 
     async def put_file(self, key: str, path: Path, content_type: str) -> None:
         target = self.local_path(key)
         await asyncio.to_thread(self._move_or_copy, path, target)
 
     @staticmethod
-    def _write(target: Path, data: bytes) -> None:
+    def _write(target: Path, data: bytes, metadata: Mapping[str, str] | None = None) -> None:
         # The temporary name is unique to this process and thread, so writers never
         # share one; a crash leaves at most a ``.tmp-*`` file, never a partial object.
         tmp = target.parent / f".tmp-{os.getpid()}-{threading.get_ident()}-{next(_serial)}"
@@ -84,6 +134,8 @@ class LocalStorage:
             os.fchmod(fd, 0o644)  # whatever the umask: stored objects are public
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
+                if metadata:
+                    _set_metadata(handle.fileno(), metadata)
             os.replace(tmp, target)
         except OSError as exc:
             with contextlib.suppress(OSError):
@@ -98,6 +150,13 @@ class LocalStorage:
             os.replace(source, target)
         except OSError:
             LocalStorage._write(target, source.read_bytes())
+
+
+def _set_metadata(fd: int, metadata: Mapping[str, str]) -> None:
+    """Attach ``metadata`` to an open file; a filesystem without extended attributes
+    stores the object without it (then it is not found by ``find``, only rewritten)."""
+    with contextlib.suppress(OSError):
+        os.setxattr(fd, METADATA_ATTRIBUTE, json.dumps(dict(metadata)).encode())
 
 
 def open_storage(url: str, base_url: str) -> Storage:

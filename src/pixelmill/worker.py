@@ -26,7 +26,7 @@ from pixelmill.csvio import OutputCsvWriter
 from pixelmill.db import work
 from pixelmill.db.engine import Database
 from pixelmill.domain import ErrorCode, ImageFailure, ImageRecord, ProcessingOptions, TaskKind
-from pixelmill.imaging.base import Imaging
+from pixelmill.imaging.base import Imaging, ImagingUnavailableError
 from pixelmill.queue.base import Queue, TaskMessage
 from pixelmill.recorder import ResultRecorder
 from pixelmill.storage import Storage
@@ -235,10 +235,22 @@ class Worker:
     ) -> work.ImageResult:
         stem = f"{request_id}/{image.row_index + 1}-{image.position}"
         attempt = 0
+        waits = 0
         while True:
-            attempt += 1
             async with self._image_slots:
-                outcome = await self.imaging.process(image.input_url, options, stem)
+                try:
+                    outcome = await self.imaging.process(image.input_url, options, stem)
+                except ImagingUnavailableError as exc:
+                    outcome = None
+                    reason = exc
+            if outcome is None:
+                # No imaging service took it: wait for one, spending no attempt of the image.
+                waits += 1
+                if waits == 1:
+                    log.warning("image %d waits for the imaging service: %s", image.id, reason)
+                await asyncio.sleep(self.retry.delay(waits))
+                continue
+            attempt += 1
             last = attempt >= self.retry.attempts
             if not isinstance(outcome, ImageFailure) or not outcome.is_transient or last:
                 return work.ImageResult(image.id, image.attempts + attempt, outcome)

@@ -27,6 +27,7 @@ from pixelmill.domain import (
     ProcessedImage,
     ProcessingOptions,
 )
+from pixelmill.imaging.base import ImagingUnavailableError
 from pixelmill.imaging.client import HttpImaging
 from pixelmill.imaging.wire import outcome_from_json, outcome_to_json
 from tests.support.image_host import ImageHost
@@ -232,16 +233,14 @@ async def test_all_down_then_one_back_within_the_patience_completes(
         late.stop()
 
 
-async def test_all_down_past_the_patience_is_a_transient_connect_error(
+async def test_all_down_past_the_patience_is_unavailable_not_a_failed_image(
     image_host: ImageHost, make_client: MakeClient
 ) -> None:
     client = make_client(dead_url(), dead_url(), imaging_patience_seconds=0.3)
 
-    outcome = await client.process(image_host.url("img/cat.jpg"), ProcessingOptions(), "gone/1")
+    with pytest.raises(ImagingUnavailableError, match=r"no imaging service answered within 0\.3 s"):
+        await client.process(image_host.url("img/cat.jpg"), ProcessingOptions(), "gone/1")
 
-    assert isinstance(outcome, ImageFailure)
-    assert outcome.code == ErrorCode.CONNECT_ERROR and outcome.is_transient
-    assert "no imaging service answered within 0.3 s" in outcome.message
     assert all(instance.failures >= 1 for instance in client.instances)
 
 
@@ -252,10 +251,9 @@ async def test_a_wrong_token_counts_as_a_failing_instance(
     try:
         client = make_client(guarded.url, imaging_token="wrong", imaging_patience_seconds=0.3)
 
-        outcome = await client.process(image_host.url("img/cat.jpg"), ProcessingOptions(), "t/1")
+        with pytest.raises(ImagingUnavailableError, match="HTTP 401"):
+            await client.process(image_host.url("img/cat.jpg"), ProcessingOptions(), "t/1")
 
-        assert isinstance(outcome, ImageFailure) and outcome.code == ErrorCode.CONNECT_ERROR
-        assert "HTTP 401" in outcome.message
         assert guarded.health()["served"] == 0
     finally:
         guarded.stop()

@@ -4,6 +4,11 @@ Routes:
 - ``/img/NAME``: the file NAME of the corpus.
 - ``/status/CODE``: answers CODE with an empty body.
 - ``/flaky/KEY/NAME``: answers 500 the first time KEY is seen, then NAME.
+- ``/reset/KEY/NAME``: the first time KEY is seen, sends half of NAME and resets the
+  connection; then NAME.
+- ``/huge/MB``: a 200 of MB mebibytes (a stated length, streamed until the client leaves).
+- ``/gate/ROUTE...``: waits until ``gate`` is set (it is, unless a test clears it), then
+  answers as ``/ROUTE...``.
 - ``/drip/NAME``: sends NAME one byte per second.
 - ``/slow/MS/NAME``: waits MS milliseconds, then sends NAME.
 - ``/redirect/N/NAME``: N redirects, then NAME.
@@ -14,12 +19,24 @@ Every request is counted by path (and by path with query), so tests can tell wha
 
 from __future__ import annotations
 
+import socket
+import struct
+import sys
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Clients that hang up (a killed worker, a fetch cut off) are not errors here."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 class ImageHost:
@@ -29,6 +46,8 @@ class ImageHost:
         self.root = root
         self.hits: Counter[str] = Counter()
         self._flaky_seen: set[str] = set()
+        self.gate = threading.Event()
+        self.gate.set()
         self._lock = threading.Lock()
         host = self
 
@@ -41,7 +60,7 @@ class ImageHost:
             def do_GET(self) -> None:
                 host._serve(self)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -64,20 +83,26 @@ class ImageHost:
             if parts.query:
                 self.hits[handler.path] += 1
         segments = parts.path.strip("/").split("/")
+        if segments[0] == "gate":
+            self.gate.wait(timeout=120)
+            segments = segments[1:]
         kind = segments[0]
         if kind == "img":
             self._send_file(handler, segments[-1])
         elif kind == "status":
             self._send(handler, int(segments[1]), b"")
         elif kind == "flaky":
-            key = segments[1]
-            with self._lock:
-                first = key not in self._flaky_seen
-                self._flaky_seen.add(key)
-            if first:
+            if self._first_time(segments[1]):
                 self._send(handler, 500, b"try again")
             else:
                 self._send_file(handler, segments[2])
+        elif kind == "reset":
+            if self._first_time(f"reset/{segments[1]}"):
+                self._reset(handler, (self.root / segments[2]).read_bytes())
+            else:
+                self._send_file(handler, segments[2])
+        elif kind == "huge":
+            self._stream_zeros(handler, int(segments[1]) * 1024 * 1024)
         elif kind == "slow":
             time.sleep(int(segments[1]) / 1000)
             self._send_file(handler, segments[2])
@@ -91,6 +116,39 @@ class ImageHost:
             self._redirect(handler, parse_qs(parts.query)["url"][0])
         else:
             self._send(handler, 404, b"no such route")
+
+    def _first_time(self, key: str) -> bool:
+        with self._lock:
+            first = key not in self._flaky_seen
+            self._flaky_seen.add(key)
+        return first
+
+    @staticmethod
+    def _reset(handler: BaseHTTPRequestHandler, body: bytes) -> None:
+        """Send half of the answer, then close with a TCP reset (SO_LINGER 0)."""
+        handler.send_response(200)
+        handler.send_header("Content-Type", "image/jpeg")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body[: len(body) // 2])
+        handler.wfile.flush()
+        sock = handler.connection
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        handler.close_connection = True
+        sock.close()
+
+    @staticmethod
+    def _stream_zeros(handler: BaseHTTPRequestHandler, size: int) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "image/jpeg")
+        handler.send_header("Content-Length", str(size))
+        handler.end_headers()
+        chunk = b"\xff" * (1 << 16)
+        try:
+            for _ in range(size // len(chunk)):
+                handler.wfile.write(chunk)
+        except OSError:
+            pass
 
     def _send_file(self, handler: BaseHTTPRequestHandler, name: str) -> None:
         path = self.root / name

@@ -35,6 +35,8 @@ def build_corpus(root: Path) -> Path:
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 CW to display
     rotated.save(root / "rotated.jpg", "JPEG", quality=90, exif=exif.tobytes())
+    # A small photo, for tests where the number of images matters, not their work.
+    _photo("cat.jpg").resize((48, 32)).save(root / "tiny.jpg", "JPEG", quality=85)
     full = (root / "astronaut.jpg").read_bytes()
     (root / "truncated.jpg").write_bytes(full[: len(full) // 3])
     (root / "empty.jpg").write_bytes(b"")

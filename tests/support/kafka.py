@@ -23,14 +23,16 @@ def broker_binary() -> str:
 class TansuBroker:
     """One broker on a free loopback port; ``url`` is the PIXELMILL_QUEUE_URL base."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, advertised_port: int | None = None) -> None:
         self.port = free_port()
+        # Clients are told to connect here: another port puts a proxy in their way.
+        self.advertised_port = advertised_port or self.port
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"127.0.0.1:{self.advertised_port}"
 
     def queue_url(self, topic: str, partitions: int = 4) -> str:
         """A queue URL on a topic of its own; a short session so failover is quick."""
@@ -40,10 +42,10 @@ class TansuBroker:
         )
 
     def start(self) -> TansuBroker:
-        address = f"tcp://{self.bootstrap}"
+        address = f"tcp://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [broker_binary(), "broker", "--listener-url", address,
-             "--advertised-listener-url", address],
+             "--advertised-listener-url", f"tcp://{self.bootstrap}"],
             stdout=self.log_path.open("ab"),
             stderr=subprocess.STDOUT,
         )  # fmt: skip

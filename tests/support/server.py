@@ -78,7 +78,26 @@ class PixelmillProcess:
             self.process.wait(timeout=10)
 
 
-class ServeProcess(PixelmillProcess):
+class ApiClient:
+    """Calls to the HTTP API of pixelmill at ``base_url``."""
+
+    base_url: str
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.get(f"{self.base_url}{path}", timeout=30, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.post(f"{self.base_url}{path}", timeout=60, **kwargs)
+
+    def wait_finished(self, request_id: str, timeout: float = 120) -> dict[str, Any]:
+        def finished() -> dict[str, Any] | None:
+            body = self.get(f"/api/v1/requests/{request_id}").json()
+            return body if body["finished_at"] else None
+
+        return wait_until(finished, timeout=timeout, interval=0.2, what=f"request {request_id}")
+
+
+class ServeProcess(ApiClient, PixelmillProcess):
     """``pixelmill serve`` with its own data dir; logs go to ``data_dir/serve.log``."""
 
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
@@ -99,16 +118,3 @@ class ServeProcess(PixelmillProcess):
             data_dir / "serve.log",
             f"{self.base_url}/readyz",
         )
-
-    def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.get(f"{self.base_url}{path}", timeout=30, **kwargs)
-
-    def post(self, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.post(f"{self.base_url}{path}", timeout=60, **kwargs)
-
-    def wait_finished(self, request_id: str, timeout: float = 120) -> dict[str, Any]:
-        def finished() -> dict[str, Any] | None:
-            body = self.get(f"/api/v1/requests/{request_id}").json()
-            return body if body["finished_at"] else None
-
-        return wait_until(finished, timeout=timeout, interval=0.2, what=f"request {request_id}")

@@ -7,8 +7,19 @@ from typing import Protocol
 from pixelmill.domain import ImageOutcome, ProcessingOptions
 
 
+class ImagingUnavailableError(Exception):
+    """No imaging service could take the image: not a failure of the image itself.
+
+    The worker waits for the service (with backoff) instead of spending an attempt.
+    """
+
+
 class Imaging(Protocol):
-    """Fetch, transform and store one image; failures come back as values."""
+    """Fetch, transform and store one image; failures come back as values.
+
+    Raises :class:`ImagingUnavailableError` when the image could not be handed to any
+    imaging service, so that an outage never fails an image.
+    """
 
     async def process(
         self, source_url: str, options: ProcessingOptions, output_stem: str

@@ -9,9 +9,10 @@ starts another round. An instance that fails ``failure_threshold`` times in a ro
 skipped for ``PIXELMILL_IMAGING_SKIP_SECONDS``, then one request at a time probes it
 until one succeeds. A busy instance is skipped for its ``Retry-After``.
 
-The client keeps trying for ``PIXELMILL_IMAGING_PATIENCE_SECONDS`` (60 s) so that a
-restart of the services does not fail images; only then does it answer a transient
-``connect_error``, which the worker retries like any other. A ``429`` is a sign of
+The client keeps trying for ``PIXELMILL_IMAGING_PATIENCE_SECONDS`` (60 s); only then
+does it raise :class:`ImagingUnavailableError`, on which the worker waits and tries
+again without spending an attempt of the image, so an outage of the services never
+fails images (they complete once a service is back). A ``429`` is a sign of
 life: it starts the patience again, so an overloaded but working service slows
 workers down instead of failing their images. Whatever an instance answers about the
 image itself (a result, or a failure with its code) is passed through unchanged.
@@ -29,7 +30,8 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from pixelmill.config import Settings
-from pixelmill.domain import ErrorCode, ImageFailure, ImageOutcome, ProcessingOptions
+from pixelmill.domain import ImageOutcome, ProcessingOptions
+from pixelmill.imaging.base import ImagingUnavailableError
 from pixelmill.imaging.wire import PROCESS_PATH, outcome_from_json, request_body
 
 log = logging.getLogger(__name__)
@@ -111,9 +113,8 @@ class HttpImaging:
             if index is None:
                 now = time.monotonic()
                 if now >= deadline:
-                    return ImageFailure(
-                        ErrorCode.CONNECT_ERROR,
-                        f"no imaging service answered within {self.patience:g} s; last: {reason}",
+                    raise ImagingUnavailableError(
+                        f"no imaging service answered within {self.patience:g} s; last: {reason}"
                     )
                 rounds += 1
                 await asyncio.sleep(min(self._pause(rounds, bool(tried), now), deadline - now))

@@ -20,8 +20,8 @@ from pixelmill.domain import (
 )
 from pixelmill.imaging.addresses import AddressPolicy
 from pixelmill.imaging.fetch import FetchedBody, Fetcher, FetchLimits
-from pixelmill.imaging.ops import ImageLimits, process_image
-from pixelmill.storage import Storage, StorageError
+from pixelmill.imaging.ops import EncodedImage, ImageLimits, process_image
+from pixelmill.storage import Storage, StorageError, StoredObject
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,10 @@ _CONTENT_TYPES = {
     "webp": "image/webp",
     "avif": "image/avif",
 }
+
+
+# Every extension an output can have (kept sources are JPEG, PNG or WebP too).
+OUTPUT_EXTENSIONS = ("jpg", "png", "webp", "avif")
 
 
 def content_type(image_format: str) -> str:
@@ -71,6 +75,14 @@ class InlineImaging:
         self, source_url: str, options: ProcessingOptions, output_stem: str
     ) -> ImageOutcome:
         started = time.monotonic()
+        # An earlier attempt (before a crash, a lost lease or a timed-out call) may have
+        # stored this image already: the key is deterministic, so report that object.
+        try:
+            stored = await self.storage.find(output_stem, OUTPUT_EXTENSIONS)
+        except StorageError as exc:
+            return ImageFailure(ErrorCode.STORAGE_ERROR, str(exc))
+        if stored is not None and (earlier := self._earlier_result(stored, started)):
+            return earlier
         fetched = await self.fetcher.fetch(source_url)
         if isinstance(fetched, ImageFailure):
             return fetched
@@ -96,7 +108,9 @@ class InlineImaging:
             return encoded
         key = f"{output_stem}.{encoded.extension}"
         try:
-            self.storage.put_bytes_blocking(key, encoded.data, content_type(encoded.format))
+            self.storage.put_bytes_blocking(
+                key, encoded.data, content_type(encoded.format), _metadata(encoded)
+            )
         except StorageError as exc:
             return ImageFailure(ErrorCode.STORAGE_ERROR, str(exc))
         return ProcessedImage(
@@ -112,6 +126,43 @@ class InlineImaging:
             kept_source=encoded.kept_source,
         )
 
+    def _earlier_result(self, stored: StoredObject, started: float) -> ProcessedImage | None:
+        """The result an earlier attempt stored with its object; None if unreadable."""
+        meta = stored.metadata
+        try:
+            return ProcessedImage(
+                output_key=stored.key,
+                output_url=self.storage.url_for(stored.key),
+                format=meta["format"],
+                width=int(meta["width"]),
+                height=int(meta["height"]),
+                bytes_in=int(meta["bytes_in"]),
+                bytes_out=stored.size,
+                source_quality=_optional_int(meta["source_quality"]),
+                output_quality=_optional_int(meta["output_quality"]),
+                kept_source=meta["kept_source"] == "true",
+                duration_ms=(time.monotonic() - started) * 1000,
+            )
+        except (KeyError, ValueError):
+            return None
+
     async def close(self) -> None:
         await self.fetcher.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _metadata(encoded: EncodedImage) -> dict[str, str]:
+    """What the result of an image needs beyond its bytes, stored with its object."""
+    return {
+        "format": encoded.format,
+        "width": str(encoded.width),
+        "height": str(encoded.height),
+        "bytes_in": str(encoded.bytes_in),
+        "source_quality": "" if encoded.source_quality is None else str(encoded.source_quality),
+        "output_quality": "" if encoded.output_quality is None else str(encoded.output_quality),
+        "kept_source": "true" if encoded.kept_source else "false",
+    }
+
+
+def _optional_int(text: str) -> int | None:
+    return int(text) if text else None

@@ -1,0 +1,100 @@
+"""What every reliability scenario checks once its request has finished."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import Counter
+from typing import Any
+
+from tests.support.image_host import ImageHost
+from tests.support.server import ApiClient
+from tests.support.writes import WriteCounter
+
+
+def csv_body(rows: list[list[str]]) -> bytes:
+    """An input CSV with one product row per list of image URLs."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["S. No.", "Product Name", "Input Image Urls"])
+    for number, urls in enumerate(rows, start=1):
+        writer.writerow([number, f"Product {number}", ", ".join(urls)])
+    return out.getvalue().encode()
+
+
+def upload(api: ApiClient, rows: list[list[str]]) -> str:
+    response = api.post("/api/v1/requests", files={"file": ("p.csv", csv_body(rows), "text/csv")})
+    assert response.status_code == 202, response.text
+    return str(response.json()["request_id"])
+
+
+def watch_request(writes: WriteCounter, request_id: str) -> None:
+    """Make the request's storage folder and watch it before anything is written there."""
+    writes.make_folder(request_id)
+
+
+def progress(api: ApiClient, request_id: str) -> dict[str, int]:
+    return dict(api.get(f"/api/v1/requests/{request_id}").json()["progress"])
+
+
+def images(api: ApiClient, request_id: str) -> list[dict[str, Any]]:
+    """Every image of the request, in input order, as the products API shows it."""
+    found: list[dict[str, Any]] = []
+    offset = 0
+    while True:
+        page = api.get(f"/api/v1/requests/{request_id}/products?offset={offset}&limit=1000").json()
+        found += [image for product in page["items"] for image in product["images"]]
+        offset += len(page["items"])
+        if not page["items"] or offset >= page["total"]:
+            return found
+
+
+def check_output_csv(api: ApiClient, request_id: str, rows: list[list[str]]) -> list[list[str]]:
+    """The output CSV has every input line, in order, with one output slot per input URL;
+    returns its output URLs per row."""
+    response = api.get(f"/api/v1/requests/{request_id}/output.csv")
+    assert response.status_code == 200, response.text
+    lines = list(csv.reader(io.StringIO(response.text)))[1:]
+    assert [line[0] for line in lines] == [str(n) for n in range(1, len(rows) + 1)], "in order"
+    assert [line[2].split(", ") for line in lines] == rows, "the input URLs, unchanged"
+    outputs = [line[3].split(", ") if line[3] else [""] for line in lines]
+    assert [len(o) for o in outputs] == [len(r) for r in rows], "one slot per input URL"
+    return outputs
+
+
+def check_each_terminal_once(api: ApiClient, request_id: str, total: int) -> dict[str, Any]:
+    """Every image is completed or failed, and the counters count each exactly once."""
+    status = api.get(f"/api/v1/requests/{request_id}").json()
+    found = images(api, request_id)
+    assert len(found) == total
+    statuses = Counter(image["status"] for image in found)
+    assert set(statuses) <= {"completed", "failed"}, statuses
+    done = status["progress"]
+    assert (done["completed"], done["failed"]) == (statuses["completed"], statuses["failed"])
+    assert done["pending"] == done["processing"] == 0 and done["total"] == total
+    return status
+
+
+def check_written_once(writes: WriteCounter, request_id: str, keys: list[str]) -> int:
+    """Each stored image was written exactly once (counted as it happened); returns the
+    number of extra writes found (0, or the assertion fails)."""
+    counts = writes.counts(f"{request_id}/")
+    assert not writes.overflowed, "inotify lost events: the count is not exact"
+    assert f"{request_id}" not in writes.late_folders
+    images_written = {key: n for key, n in counts.items() if not key.endswith("output.csv")}
+    expected = {f"{request_id}/{key}" for key in keys}
+    assert set(images_written) == expected, "every stored object, and nothing else"
+    duplicates = sum(n - 1 for n in images_written.values())
+    twice = sorted(key for key, n in images_written.items() if n > 1)
+    assert duplicates == 0, f"{len(twice)} objects written more than once: {twice[:10]}"
+    assert counts[f"{request_id}/output.csv"] >= 1
+    return duplicates
+
+
+def stored_keys(outputs: list[list[str]]) -> list[str]:
+    """The storage keys (``<row>-<position>.<ext>``) of the output URLs of a request."""
+    return [url.rsplit("/", 1)[1] for row in outputs for url in row if url]
+
+
+def fetches(host: ImageHost, url: str) -> int:
+    return host.hits[url.split(f":{host.port}", 1)[1]]
