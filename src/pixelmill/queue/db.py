@@ -10,7 +10,6 @@ moves are retried after a lost connection: each is conditional, so a repeat is h
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 from sqlalchemy import ColumnElement, and_, or_, select, update
@@ -50,15 +49,20 @@ class DbQueue:
 
     async def receive(self, timeout: float) -> TaskMessage | None:
         deadline = time.monotonic() + timeout
+        woken = False
         while True:
             # Cleared before looking, so a wake() during the look is not lost.
             self._wakeup.clear()
             message = await self._claim()
             remaining = deadline - time.monotonic()
-            if message or remaining <= 0:
+            # After a wake with nothing to take, return at once: the caller may be stopping.
+            if message or remaining <= 0 or woken:
                 return message
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._wakeup.wait(), min(self.poll_interval, remaining))
+                woken = True
+            except TimeoutError:
+                pass
 
     @retry_transient
     async def _claim(self) -> TaskMessage | None:
