@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Protocol
@@ -64,12 +65,17 @@ class LocalStorage:
         await asyncio.to_thread(self._move_or_copy, path, target)
 
     @staticmethod
-    def _write(target: Path, data: bytes) -> None:
+    def _write(target: Path, data: bytes | Path) -> None:
+        """Write ``data`` (bytes, or the file at that path, copied in chunks) to ``target``."""
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                if isinstance(data, Path):
+                    with data.open("rb") as source:
+                        shutil.copyfileobj(source, handle, 1 << 20)
+                else:
+                    handle.write(data)
             os.chmod(tmp, 0o644)  # mkstemp makes it private; stored objects are public
             os.replace(tmp, target)
         except OSError as exc:
@@ -81,8 +87,8 @@ class LocalStorage:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(source, 0o644)
             os.replace(source, target)
-        except OSError:
-            LocalStorage._write(target, source.read_bytes())
+        except OSError:  # another file system: copied, never read into memory whole
+            LocalStorage._write(target, source)
 
 
 def open_storage(url: str, public_url: str) -> Storage:
