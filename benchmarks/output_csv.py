@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import httpx
-from ingest import free_port, generate, machine, peak_rss_mb, wait_ready
+from ingest import api_process, free_port, generate, machine, peak_rss_mb
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -148,15 +148,7 @@ def run(rows: int) -> dict[str, object]:
             "load": round(load, 1),
         }
 
-        server = subprocess.Popen(
-            [sys.executable, "-m", "pixelmill", "api", "--port", str(port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            wait_ready(base, server)
+        with api_process(env, port) as (server, base):
             idle = peak_rss_mb(server.pid)
             load = os.getloadavg()[0]
             started = time.perf_counter()
@@ -186,9 +178,6 @@ def run(rows: int) -> dict[str, object]:
                 "peak_rss_mb": round(rss, 1),
                 "load": round(load, 1),
             }
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
     result["machine"] = machine()
     return result
 
