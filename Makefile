@@ -28,8 +28,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 # Throughput against img2dataset and the codec limit, then the 1M-row ingest and output
-# CSV; results
-# in benchmarks/results/, read in docs/performance.md. Takes a few minutes.
+# CSV; results in benchmarks/results/, read in docs/performance.md. Takes a few minutes.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	NO_ALBUMENTATIONS_UPDATE=1 $(PY) benchmarks/throughput.py
