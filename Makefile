@@ -35,12 +35,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-# Throughput against img2dataset and the codec limit, then the 1M-row ingest; results
-# in benchmarks/results/, read in docs/performance.md. Takes a few minutes.
+# Throughput against img2dataset and the codec limit, then the 1M-row ingest and output
+# CSV; results in benchmarks/results/, read in docs/performance.md. Takes a few minutes.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	NO_ALBUMENTATIONS_UPDATE=1 $(PY) benchmarks/throughput.py
-	$(PY) benchmarks/ingest.py --rows 1000000
+	$(PY) benchmarks/ingest.py --rows 1000000 --repeat 3 --in-process
+	$(PY) benchmarks/output_csv.py --rows 1000000
 
 clean:
 	rm -rf $(VENV) pixelmill-data .pytest_cache .mypy_cache

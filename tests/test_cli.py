@@ -122,3 +122,31 @@ def test_submit_reports_errors_with_lines(default_server: ServeProcess, tmp_path
     result = pixelmill("submit", str(bad), "--server", default_server.base_url)
     assert result.returncode == 1
     assert "line 3" in result.stderr and "no image URL" in result.stderr
+
+
+def test_submit_and_process_apply_the_row_and_byte_limits(tmp_path: Path) -> None:
+    header = "S. No.,Product Name,Input Image Urls\n"
+    three = tmp_path / "three.csv"
+    three.write_text(header + "".join(f"{i},P,http://img.example.com/{i}.jpg\n" for i in (1, 2, 3)))
+    big = tmp_path / "big.csv"
+    big.write_text(header + "1,P,http://img.example.com/1.jpg?" + "x" * 2000 + "\n")
+    limits = {"PIXELMILL_MAX_ROWS": "2", "PIXELMILL_MAX_UPLOAD_BYTES": "1000"}
+    server = ServeProcess(tmp_path / "serve", env=limits).start()
+    try:
+        too_many = pixelmill("submit", str(three), "--server", server.base_url)
+        assert too_many.returncode == 1
+        assert "413 too_many_rows" in too_many.stderr and "PIXELMILL_MAX_ROWS" in too_many.stderr
+        too_large = pixelmill("submit", str(big), "--server", server.base_url)
+        assert too_large.returncode == 1
+        assert "413 upload_too_large" in too_large.stderr
+        assert server.get("/api/v1/requests").json()["total"] == 0
+        unknown = pixelmill("result", "0" * 32, "--server", server.base_url)
+        assert unknown.returncode == 1 and "404 not_found" in unknown.stderr
+    finally:
+        server.stop()
+    env = {**limits, "PIXELMILL_DATA_DIR": str(tmp_path / "data")}
+    for source, words in ((three, "PIXELMILL_MAX_ROWS"), (big, "PIXELMILL_MAX_UPLOAD_BYTES")):
+        result = pixelmill("process", str(source), "-o", str(tmp_path / "out"), env=env)
+        assert result.returncode == 2, result.stderr
+        assert words in result.stdout + result.stderr
+        assert not (tmp_path / "out" / "output.csv").exists()

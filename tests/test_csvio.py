@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import random
 import re
 import string
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pixelmill import csvio
 from pixelmill.csvio import (
     MAX_URL_LENGTH,
     OUTPUT_URLS_HEADER,
@@ -596,3 +598,24 @@ def test_line_numbers_stay_right_across_read_buffer_boundaries(end: str) -> None
         _, parsed = read(lines(HEADER, *rows, end=end))
         assert [r.line for r in parsed] == list(range(2, 701))
         assert parsed[-1].serial_number == "699"
+
+
+def test_a_cell_accepted_in_one_match_has_only_acceptable_urls() -> None:
+    """The whole-cell fast path never accepts a URL that url_problem would refuse."""
+    pieces = [
+        "https://a.example/x.jpg", "http://b.example", "http://c.example/?q=1#f", "ftp://x/y",
+        "https://u:p@h/x", "https://h:80/x", "https://h/x y", " ", ",", ", ", "\t", "\n",
+        "\u00a0", "https://h/\u00e9", "https://", "http://h/a@b", "https://h/\x01", "x",
+        "https://h.example/a%2Cb", "\u2028", "https://H-1.example/p", ",,", "https://h/x\u3000",
+    ]  # fmt: skip
+    rng = random.Random(3)
+    accepted = 0
+    for _ in range(20000):
+        cell = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 6)))
+        if csvio._PLAIN_URL_CELL.fullmatch(cell):
+            accepted += 1
+            assert all(csvio.url_problem(url) is None for url in csvio.split_urls(cell)), cell
+    assert accepted > 1000
+    long_url = "https://h.example/" + "x" * csvio.MAX_URL_LENGTH
+    _, rows = read(f"S. No.,Product Name,Input Image Urls\n1,A,{long_url}\n".encode())
+    assert [p.message for p in rows[0].problems] == ["URL longer than 2048 characters"]

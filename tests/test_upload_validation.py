@@ -63,16 +63,38 @@ def test_problems_are_capped_at_100_with_the_total(client: TestClient) -> None:
     assert error["details"][0]["line"] == 2 and error["details"][-1]["line"] == 101
 
 
-def test_row_limit_is_413(settings: Settings) -> None:
+def _rows(count: int) -> bytes:
+    rows = "".join(f"{i},P,https://img.example.com/{i}.jpg\n" for i in range(1, count + 1))
+    return ("S. No.,Product Name,Input Image Urls\n" + rows).encode()
+
+
+def test_row_limit_is_413_for_every_shape(settings: Settings) -> None:
     limited = settings.model_copy(update={"max_rows": 2})
-    rows = "".join(f"{i},P,https://img.example.com/{i}.jpg\n" for i in range(1, 4))
     with TestClient(create_app(limited, migrate=True)) as api:
-        body = ("S. No.,Product Name,Input Image Urls\n" + rows).encode()
-        response = api.post("/upload", files={"file": ("p.csv", body)})
-        assert response.status_code == 413
-        assert response.json()["error"]["code"] == "too_many_rows"
-        assert "PIXELMILL_MAX_ROWS" in response.json()["error"]["message"]
+        body = _rows(3) + b"\n\n"  # blank lines are not rows
+        shapes = [
+            api.post("/upload", files={"file": ("p.csv", body)}),
+            api.post("/api/v1/requests", files={"file": ("p.csv", body)}),
+            api.post("/api/v1/requests", content=body, headers={"Content-Type": "text/csv"}),
+        ]
+        for response in shapes:
+            assert response.status_code == 413, response.text
+            assert response.json()["error"]["code"] == "too_many_rows"
+            assert "PIXELMILL_MAX_ROWS" in response.json()["error"]["message"]
         assert _stored(api) == 0
+        at_the_limit = api.post("/upload", content=_rows(2) + b"\n\n,,\n")
+        assert at_the_limit.status_code == 202, at_the_limit.text
+        assert at_the_limit.json()["products"] == 2
+
+
+async def test_row_and_byte_limits_apply_to_process(settings: Settings, tmp_path: Path) -> None:
+    source = tmp_path / "p.csv"
+    source.write_bytes(_rows(3))
+    for limits in ({"max_rows": 2}, {"max_upload_bytes": len(_rows(3)) - 1}):
+        out = tmp_path / "out"
+        limited = settings.model_copy(update=limits)
+        assert await run_oneshot(limited, source, out, Console(quiet=True)) == 2
+        assert not (out / "output.csv").exists()
 
 
 def test_byte_limit_is_413_for_every_shape(settings: Settings) -> None:

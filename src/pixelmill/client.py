@@ -91,9 +91,22 @@ class ApiClient:
         return 0 if body["status"] == "completed" else 1
 
     def download_result(self, request_id: str, output: Path | None) -> None:
-        response = self._call("GET", f"/api/v1/requests/{request_id}/output.csv")
-        if output is None:
-            sys.stdout.write(response.text)
-        else:
-            output.write_bytes(response.content)
-            self.console.print(f"wrote {output}")
+        """Stream the output CSV to ``output`` (or stdout), a chunk at a time."""
+        path = f"/api/v1/requests/{request_id}/output.csv"
+        try:
+            with self.http.stream("GET", path, follow_redirects=True) as response:
+                if not response.is_success:
+                    response.read()
+                    self._check(response)
+                if output is None:
+                    for chunk in response.iter_bytes(1 << 16):
+                        sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+                    return
+                with output.open("wb") as out:
+                    for chunk in response.iter_bytes(1 << 16):
+                        out.write(chunk)
+        except httpx.TransportError as exc:
+            self.console.print(f"[red]cannot reach {self.http.base_url}:[/red] {exc}")
+            raise typer.Exit(1) from None
+        self.console.print(f"wrote {output}")

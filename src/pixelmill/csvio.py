@@ -99,7 +99,7 @@ class CsvLimits:
     max_urls_per_row: int = 50
 
 
-@dataclass
+@dataclass(slots=True)
 class ParsedRow:
     """One product row: its place in the file, its cells and its image URLs."""
 
@@ -119,6 +119,11 @@ def _preview(value: str) -> str:
 # The usual shape of a catalogue URL (no port, no '@', no spaces, no control characters),
 # accepted without parsing.
 _PLAIN_URL = re.compile(r"https?://[A-Za-z0-9.-]+(?:[/?#][^\s@\x00-\x1f\x7f]*)?")
+# A whole ``Input Image Urls`` cell of such URLs, in printable ASCII, with commas and
+# spaces between them, accepted in one match: one regex per row instead of one per URL.
+# Anything else (other blanks, other characters) is checked URL by URL.
+_PLAIN_IN_CELL = r"https?://[A-Za-z0-9.-]+(?:[/?#][!-+\--?A-~]*)?"
+_PLAIN_URL_CELL = re.compile(rf"[ ,]*(?:{_PLAIN_IN_CELL}(?:[ ]*,[ ,]*{_PLAIN_IN_CELL})*)?[ ,]*")
 
 
 def url_problem(url: str) -> str | None:
@@ -148,7 +153,7 @@ def url_problem(url: str) -> str | None:
 
 def split_urls(cell: str) -> list[str]:
     """The URLs of one ``Input Image Urls`` cell: comma-separated, spaces ignored."""
-    return [part.strip() for part in cell.split(",") if part.strip()]
+    return [url for part in cell.split(",") if (url := part.strip())]
 
 
 def _sniff_binary(head: bytes) -> None:
@@ -291,13 +296,13 @@ class CsvReader:
             problems.append(
                 CsvProblem(line, None, f"row has {len(record)} cells but the header has {width}")
             )
-        cells = record + [""] * (width - len(record))
+        cells = record if len(record) == width else record + [""] * (width - len(record))
         serial = cells[self.columns[SERIAL_NUMBER]].strip()
         name = cells[self.columns[PRODUCT_NAME]].strip()
         url_cell = cells[self.columns[INPUT_URLS]]
         if not serial:
             problems.append(CsvProblem(line, "S. No.", "serial number is empty"))
-        elif not _INTEGER.fullmatch(serial):
+        elif not (serial.isascii() and serial.isdigit()) and not _INTEGER.fullmatch(serial):
             problems.append(
                 CsvProblem(line, "S. No.", "serial number is not an integer", _preview(serial))
             )
@@ -321,10 +326,11 @@ class CsvReader:
                     "(PIXELMILL_MAX_URLS_PER_ROW)",
                 )
             )
-        for url in urls:
-            reason = url_problem(url)
-            if reason:
-                problems.append(CsvProblem(line, "Input Image Urls", reason, _preview(url)))
+        if len(url_cell) > MAX_URL_LENGTH or not _PLAIN_URL_CELL.fullmatch(url_cell):
+            for url in urls:
+                reason = url_problem(url)
+                if reason:
+                    problems.append(CsvProblem(line, "Input Image Urls", reason, _preview(url)))
         return ParsedRow(index, line, serial, name, cells, urls, problems)
 
 

@@ -36,6 +36,13 @@ async def run_oneshot(
 ) -> int:
     """Process ``file`` into ``out``; 0 when the request completed, 1 otherwise."""
     options = ProcessingOptions(quality, max_width, max_height, image_format)  # type: ignore[arg-type]
+    if file.stat().st_size > settings.max_upload_bytes:
+        # The same limit as an upload, so a file is accepted or refused alike everywhere.
+        console.print(
+            f"[red]the file is larger than {settings.max_upload_bytes} bytes "
+            "(PIXELMILL_MAX_UPLOAD_BYTES); split the CSV into several files[/red]"
+        )
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pixelmill-process-") as state:
         local = settings.model_copy(

@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -124,7 +125,8 @@ class LocalStorage:
         await asyncio.to_thread(self._move_or_copy, path, target)
 
     @staticmethod
-    def _write(target: Path, data: bytes, metadata: Mapping[str, str] | None = None) -> None:
+    def _write(target: Path, data: bytes | Path, metadata: Mapping[str, str] | None = None) -> None:
+        """Write ``data`` (bytes, or the file at that path, copied in chunks) to ``target``."""
         # The temporary name is unique to this process and thread, so writers never
         # share one; a crash leaves at most a ``.tmp-*`` file, never a partial object.
         tmp = target.parent / f".tmp-{os.getpid()}-{threading.get_ident()}-{next(_serial)}"
@@ -133,7 +135,11 @@ class LocalStorage:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             os.fchmod(fd, 0o644)  # whatever the umask: stored objects are public
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                if isinstance(data, Path):
+                    with data.open("rb") as source:
+                        shutil.copyfileobj(source, handle, 1 << 20)
+                else:
+                    handle.write(data)
                 if metadata:
                     _set_metadata(handle.fileno(), metadata)
             os.replace(tmp, target)
@@ -148,8 +154,8 @@ class LocalStorage:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(source, 0o644)
             os.replace(source, target)
-        except OSError:
-            LocalStorage._write(target, source.read_bytes())
+        except OSError:  # another file system: copied, never read into memory whole
+            LocalStorage._write(target, source)
 
 
 def _set_metadata(fd: int, metadata: Mapping[str, str]) -> None:

@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
-SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Writers in other processes (worker processes, a separate api) wait this long for the
+# write lock; one upload of a million rows holds it for tens of seconds.
+SQLITE_BUSY_TIMEOUT_MS = 300_000
 # A unit of work marked retry_transient runs at most this often, waiting about
 # 0.1, 0.3, 0.9 and 2 s between tries: long enough for a pool to reconnect, short
 # enough that a server that stays down is reported (and the task retried) soon.

@@ -6,7 +6,9 @@ goes. The request, its products, its images and its tasks are committed together
 or, if any row is wrong, nothing is (the transaction is rolled back and every problem
 found, up to 100, is reported). The tasks written here are the queue's outbox: no work
 can be lost between this commit and a worker. Products and images, by far the most
-rows, go straight to the driver: ``COPY`` on PostgreSQL, ``executemany`` on SQLite.
+rows, go straight to the driver: ``COPY`` on PostgreSQL; on SQLite one JSON document
+per batch, which SQLite expands into rows with ``json_each`` in a single statement per
+table, so the inserting thread runs without the GIL while Python parses the next batch.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Table, bindparam, insert
+from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pixelmill.csvio import MAX_PROBLEMS, CsvLimits, CsvProblem, CsvReader, CsvRejected, ParsedRow
@@ -37,10 +39,6 @@ _TASK_COLUMNS = (
     "request_id", "kind", "seq", "first_row", "last_row", "image_count", "state",
     "priority", "attempts", "available_at", "created_at",
 )  # fmt: skip
-_RAW_TABLES = {"products": (t.products, _PRODUCT_COLUMNS), "images": (t.images, _IMAGE_COLUMNS)}
-
-# Stores rows of ``_RAW_TABLES[name]`` in the staging transaction.
-_RowWriter = Callable[[str, list[tuple[Any, ...]]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -102,58 +100,97 @@ class _TaskBlocks:
         return task
 
 
+# A batch of valid rows as each backend stores it: a JSON document on SQLite (expanded
+# into rows by SQLite itself), COPY records on PostgreSQL.
+_Encoder = Callable[[str, list[ParsedRow]], Any]
+_BatchWriter = Callable[[Any], Awaitable[None]]
+
+
 @dataclass
 class _Batch:
-    """One batch of parsed rows, turned into the rows of each table."""
+    """One batch of parsed rows: the valid ones encoded for the database, and the rest."""
 
-    products: list[tuple[Any, ...]] = field(default_factory=list)
-    images: list[tuple[Any, ...]] = field(default_factory=list)
+    payload: Any = None
+    products: int = 0
+    images: int = 0
     tasks: list[tuple[Any, ...]] = field(default_factory=list)
     problems: list[CsvProblem] = field(default_factory=list)
 
 
 def _batches(
-    reader: CsvReader, request_id: str, blocks: _TaskBlocks, size: int
+    reader: CsvReader, request_id: str, blocks: _TaskBlocks, size: int, encode: _Encoder
 ) -> Iterator[_Batch]:
     rows = reader.rows()
-    pending = ImageStatus.PENDING.value
+    failed = False  # once a row is wrong nothing is stored: the rest is read for problems
     while parsed := list(islice(rows, size)):
         batch = _Batch()
+        valid: list[ParsedRow] = []
         for row in parsed:
             if row.problems:
                 batch.problems.extend(row.problems)
-                continue
-            batch.products.append(
-                (request_id, row.index, row.line, row.serial_number, row.product_name,
-                 json.dumps(row.cells, ensure_ascii=False))
-            )  # fmt: skip
-            batch.images.extend(
-                (request_id, row.index, position, url, pending, 0)
-                for position, url in enumerate(row.urls, start=1)
-            )
-            task = blocks.add(row)
-            if task:
-                batch.tasks.append(task)
+                failed = True
+            elif not failed:
+                valid.append(row)
+                batch.images += len(row.urls)
+                task = blocks.add(row)
+                if task:
+                    batch.tasks.append(task)
+        if not failed:
+            batch.products = len(valid)
+            batch.payload = encode(request_id, valid)
         yield batch
 
 
-def _insert_sql(conn: AsyncConnection, table: Table, columns: tuple[str, ...]) -> str:
-    """A positional INSERT in the driver's own parameter style, for raw executemany."""
-    statement = insert(table).values({name: bindparam(name) for name in columns})
-    compiled = statement.compile(dialect=conn.dialect)
-    assert compiled.positiontup == list(columns)
-    return str(compiled)
+def _json_document(request_id: str, rows: list[ParsedRow]) -> str:
+    """The rows as one JSON array of ``[row_index, line, serial, name, cells, urls]``."""
+    del request_id  # bound once per statement
+    return json.dumps(
+        [(r.index, r.line, r.serial_number, r.product_name, r.cells, r.urls) for r in rows],
+        ensure_ascii=False,
+    )
 
 
-async def _row_writer(conn: AsyncConnection) -> _RowWriter:
-    """How products and images reach the database: COPY on PostgreSQL, else executemany."""
+def _copy_records(
+    request_id: str, rows: list[ParsedRow]
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The rows as COPY records of ``products`` and of ``images``."""
+    pending = ImageStatus.PENDING.value
+    products = [
+        (request_id, r.index, r.line, r.serial_number, r.product_name,
+         json.dumps(r.cells, ensure_ascii=False))
+        for r in rows
+    ]  # fmt: skip
+    images = [
+        (request_id, r.index, position, url, pending, 0)
+        for r in rows
+        for position, url in enumerate(r.urls, start=1)
+    ]
+    return products, images
+
+
+# SQLite turns a batch's JSON document into rows itself, in one statement per table: the
+# thread that inserts then runs C code without the GIL while the next batch is parsed.
+_SQLITE_PRODUCTS = """\
+INSERT INTO products (request_id, row_index, line, serial_number, product_name, cells)
+SELECT ?1, json_extract(value, '$[0]'), json_extract(value, '$[1]'),
+       json_extract(value, '$[2]'), json_extract(value, '$[3]'), json_extract(value, '$[4]')
+FROM json_each(?2)"""
+_SQLITE_IMAGES = """\
+INSERT INTO images (request_id, row_index, position, input_url, status, attempts)
+SELECT ?1, json_extract(row.value, '$[0]'), url.key + 1, url.value, ?3, 0
+FROM json_each(?2) AS row, json_each(row.value, '$[5]') AS url"""
+
+
+async def _batch_writer(conn: AsyncConnection, request_id: str) -> tuple[_Encoder, _BatchWriter]:
+    """How a batch is encoded (in the parsing thread) and stored, for this database."""
     if conn.dialect.name != "postgresql":
-        sql = {name: _insert_sql(conn, table, cols) for name, (table, cols) in _RAW_TABLES.items()}
 
-        async def insert_many(name: str, rows: list[tuple[Any, ...]]) -> None:
-            await conn.exec_driver_sql(sql[name], rows)
+        async def insert_document(document: str) -> None:
+            await conn.exec_driver_sql(_SQLITE_PRODUCTS, (request_id, document))
+            pending = ImageStatus.PENDING.value
+            await conn.exec_driver_sql(_SQLITE_IMAGES, (request_id, document, pending))
 
-        return insert_many
+        return _json_document, insert_document
 
     # SQLAlchemy's asyncpg adapter begins the driver's transaction at the first statement
     # it runs: run one, so the COPYs below belong to the staging transaction.
@@ -161,12 +198,16 @@ async def _row_writer(conn: AsyncConnection) -> _RowWriter:
     driver = (await conn.get_raw_connection()).driver_connection
     assert driver is not None and driver.is_in_transaction()
 
-    async def copy(name: str, rows: list[tuple[Any, ...]]) -> None:
+    async def copy(records: tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]) -> None:
         # ``cells`` is JSON text, as the codec SQLAlchemy installs for json expects.
-        if rows:
-            await driver.copy_records_to_table(name, records=rows, columns=_RAW_TABLES[name][1])
+        products, images = records
+        if products:
+            await driver.copy_records_to_table(
+                "products", records=products, columns=_PRODUCT_COLUMNS
+            )
+            await driver.copy_records_to_table("images", records=images, columns=_IMAGE_COLUMNS)
 
-    return copy
+    return _copy_records, copy
 
 
 async def stage_request(
@@ -185,9 +226,10 @@ async def stage_request(
     with path.open("rb") as stream:
         reader = await asyncio.to_thread(CsvReader, stream, limits)
         blocks = _TaskBlocks(request_id, task_max_images)
-        batches = _batches(reader, request_id, blocks, batch_rows)
         async with db.write() as conn:
-            products, images = await _store_batches(conn, batches, blocks)
+            encode, write_batch = await _batch_writer(conn, request_id)
+            batches = _batches(reader, request_id, blocks, batch_rows, encode)
+            products, images = await _store_batches(conn, batches, blocks, write_batch)
             await conn.execute(
                 insert(t.requests).values(
                     id=request_id,
@@ -217,12 +259,11 @@ async def _insert_tasks(conn: AsyncConnection, tasks: list[tuple[Any, ...]]) -> 
 
 
 async def _store_batches(
-    conn: AsyncConnection, batches: Iterator[_Batch], blocks: _TaskBlocks
+    conn: AsyncConnection, batches: Iterator[_Batch], blocks: _TaskBlocks, write: _BatchWriter
 ) -> tuple[int, int]:
     """Insert every batch while the next one is parsed; raise if any row was wrong."""
     # Products and images, by far the most rows, go straight to the driver; tasks (one
     # per block of rows) go through SQLAlchemy, which also converts their timestamps.
-    write_rows = await _row_writer(conn)
     problems = _Problems()
     products = images = 0
     upcoming = asyncio.ensure_future(asyncio.to_thread(next, batches, None))
@@ -232,10 +273,9 @@ async def _store_batches(
             problems.add(batch.problems)
             if problems.total:
                 continue  # keep reading to report every problem; store nothing more
-            products += len(batch.products)
-            images += len(batch.images)
-            await write_rows("products", batch.products)
-            await write_rows("images", batch.images)
+            products += batch.products
+            images += batch.images
+            await write(batch.payload)
             await _insert_tasks(conn, batch.tasks)
         last = blocks.close()
         if last and not problems.total:
