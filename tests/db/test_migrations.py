@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from pixelmill.db import tables as t
-from pixelmill.db.engine import Database, async_url
+from pixelmill.db.engine import SQLITE_BUSY_TIMEOUT_MS, Database, async_url
 from pixelmill.db.migrate import alembic_config, upgrade, upgrade_async
 from tests.support.databases import execute_elsewhere, run_async
 
@@ -202,7 +202,9 @@ async def test_sqlite_runs_in_wal_mode_through_database(sqlite_migrated: str) ->
         assert db.is_sqlite
         async with db.read() as conn:
             assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
-            assert (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar() == 30_000
+            assert (
+                await conn.exec_driver_sql("PRAGMA busy_timeout")
+            ).scalar() == SQLITE_BUSY_TIMEOUT_MS
         async with db.write() as conn:
             assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
             await conn.execute(
