@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from pathlib import Path
@@ -113,14 +114,17 @@ async def service_loop(
     """Seconds to process every URL ``rounds`` times, ``concurrency`` images at once."""
     slots = asyncio.Semaphore(concurrency)
     options = ProcessingOptions()
+    # Every call writes a key of its own: a key already stored would be reported as it
+    # is (an earlier attempt's object), not processed again.
+    run = uuid.uuid4().hex[:8]
 
     async def one(index: int, url: str) -> None:
         async with slots:
-            outcome = await imaging.process(url, options, f"{label}/{index}")
+            outcome = await imaging.process(url, options, f"{label}/{run}/{index}")
         if not isinstance(outcome, ProcessedImage):
             raise SystemExit(f"{url}: {outcome}")
 
-    await asyncio.gather(*(one(i, url) for i, url in enumerate(urls)))  # warm up
+    await asyncio.gather(*(one(-1 - i, url) for i, url in enumerate(urls)))  # warm up
     started = time.perf_counter()
     await asyncio.gather(*(one(i, url) for i, url in enumerate(urls * rounds)))
     return time.perf_counter() - started
