@@ -102,7 +102,9 @@ for url in "${imaging_urls[@]}"; do wait_ok "$url/healthz" "$STATE"; done
 
 echo "pixelmill cluster up: API $API, logs and files in $STATE"
 if [[ "${1:-}" == "--check" ]]; then
-  $PIXELMILL submit examples/products.csv --server "$API" --wait >"$STATE/submit.out"
+  # The example's photos are on the API at port 8000; point them at this API instead.
+  sed "s#http://127.0.0.1:8000/#$API/#g" examples/products.csv >"$STATE/products.csv"
+  $PIXELMILL submit "$STATE/products.csv" --server "$API" --wait >"$STATE/submit.out"
   request=$(head -n 1 "$STATE/submit.out")
   $PIXELMILL status "$request" --server "$API"
   $PIXELMILL result "$request" --server "$API"
