@@ -35,11 +35,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-# Throughput against img2dataset and the codec limit, then the 1M-row ingest and output
-# CSV; results in benchmarks/results/, read in docs/performance.md. Takes a few minutes.
+# Throughput against img2dataset and the codec limit, the distributed mode against the
+# embedded one (needs PostgreSQL on 127.0.0.1:5432), then the 1M-row ingest and output
+# CSV; results in benchmarks/results/, read in docs/performance.md. Takes about half an hour.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	NO_ALBUMENTATIONS_UPDATE=1 $(PY) benchmarks/throughput.py
+	$(PY) benchmarks/distributed.py
 	$(PY) benchmarks/ingest.py --rows 1000000 --repeat 3 --in-process
 	$(PY) benchmarks/output_csv.py --rows 1000000
 

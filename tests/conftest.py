@@ -1,20 +1,26 @@
 """Shared fixtures: the image corpus, a real image host, settings on a temp data dir.
 
 Every test that uses a database (through ``settings``, ``database_url`` or
-``module_database_url``) runs once per backend, SQLite and PostgreSQL: the same suite,
-two passes per module. PostgreSQL cases are skipped when no server answers, except
-under ``CI=true``, where that is an error.
+``module_database_url``) runs once per database, SQLite and PostgreSQL: the same suite,
+two passes per module. A test that uses ``backend`` or ``module_backend`` (a database
+and a task queue) runs once per combination of the backend matrix instead:
+``sqlite-db``, ``postgres-db`` and ``postgres-kafka`` (tests/support/backends.py); a
+module narrows that with ``pytestmark = pytest.mark.backends("sqlite-db", ...)`` and
+says why. PostgreSQL cases are skipped when no server answers, except under
+``CI=true``, where that is an error.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pixelmill.config import Settings
+from tests.support.backends import MATRIX, Backend
 from tests.support.databases import ADMIN_URL_ENV, BACKENDS, PostgresServer, fresh_database
 from tests.support.image_host import ImageHost
 from tests.support.images import build_corpus
@@ -37,11 +43,33 @@ def image_host(corpus: Path) -> Iterator[ImageHost]:
 DATABASE_FREE = (Path(__file__).parent / "imaging",)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "backends(*names): the combinations of the backend matrix a module runs over "
+        f"(default: all of {', '.join(MATRIX)})",
+    )
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Give each test that uses a database one pass per backend (grouped by module)."""
+    """Give each test that uses a database one pass per database, and each test that
+    uses a database and a queue one pass per combination (grouped by module)."""
     if "database_backend" not in metafunc.fixturenames:
         return
     if any(folder in metafunc.definition.path.parents for folder in DATABASE_FREE):
+        return
+    if "queue_backend" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("backends")
+        names = list(marker.args) if marker else list(MATRIX)
+        unknown = set(names) - set(MATRIX)
+        assert not unknown, f"unknown backend combination(s) {sorted(unknown)}"
+        metafunc.parametrize(
+            ("database_backend", "queue_backend"),
+            [MATRIX[name] for name in names],
+            ids=names,
+            indirect=True,
+            scope="module",
+        )
         return
     metafunc.parametrize("database_backend", BACKENDS, indirect=True, scope="module")
 
@@ -70,6 +98,48 @@ def database_backend(request: pytest.FixtureRequest) -> str:
     if backend == "postgres":
         request.getfixturevalue("postgres")  # skips (or fails under CI) when it is down
     return backend
+
+
+@pytest.fixture(scope="module")
+def queue_backend(request: pytest.FixtureRequest) -> str:
+    """``db`` or ``kafka``: the task queue of this pass over the module."""
+    queue: str = getattr(request, "param", "db")
+    if queue == "kafka":
+        request.getfixturevalue("kafka_broker")
+    return queue
+
+
+def _queue_url(queue: str, request: pytest.FixtureRequest) -> str:
+    """``db://``, or a Kafka topic (and consumer group) no one has used yet."""
+    if queue == "db":
+        return "db://"
+    broker: TansuBroker = request.getfixturevalue("kafka_broker")
+    return broker.queue_url(f"pixelmill-{uuid.uuid4().hex[:10]}")
+
+
+def _backend_name(database: str, queue: str) -> str:
+    return next(name for name, pair in MATRIX.items() if pair == (database, queue))
+
+
+@pytest.fixture
+def backend(
+    database_backend: str, queue_backend: str, database_url: str, request: pytest.FixtureRequest
+) -> Backend:
+    """A fresh database and a fresh queue, on this pass's combination of the matrix."""
+    name = _backend_name(database_backend, queue_backend)
+    return Backend(name, database_url, _queue_url(queue_backend, request))
+
+
+@pytest.fixture(scope="module")
+def module_backend(
+    database_backend: str,
+    queue_backend: str,
+    module_database_url: str,
+    request: pytest.FixtureRequest,
+) -> Backend:
+    """Like ``backend``, for the long-lived processes of a module."""
+    name = _backend_name(database_backend, queue_backend)
+    return Backend(name, module_database_url, _queue_url(queue_backend, request))
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """End to end through a real ``pixelmill serve``: upload, process, output CSV, files.
 
-The module runs once per database backend, each pass with a server of its own.
+The module runs once per combination of the backend matrix (SQLite and the queue table,
+PostgreSQL and the queue table, PostgreSQL and Kafka), each pass with a server of its
+own. A pass costs little beyond the server's start (about 10 s): all three run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.backends import Backend
 from tests.support.image_host import ImageHost
 from tests.support.images import decoded_size, jpeg_quality_of
 from tests.support.server import ServeProcess
@@ -21,10 +24,9 @@ from tests.support.server import ServeProcess
 
 @pytest.fixture(scope="module")
 def server(
-    tmp_path_factory: pytest.TempPathFactory, module_database_url: str
+    tmp_path_factory: pytest.TempPathFactory, module_backend: Backend
 ) -> Iterator[ServeProcess]:
-    env = {"PIXELMILL_DATABASE_URL": module_database_url}
-    process = ServeProcess(tmp_path_factory.mktemp("serve"), env=env).start()
+    process = ServeProcess(tmp_path_factory.mktemp("serve"), env=module_backend.env()).start()
     yield process
     process.stop()
 

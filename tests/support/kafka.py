@@ -35,10 +35,11 @@ class TansuBroker:
         return f"127.0.0.1:{self.advertised_port}"
 
     def queue_url(self, topic: str, partitions: int = 4) -> str:
-        """A queue URL on a topic of its own; a short session so failover is quick."""
+        """A queue URL on a topic and consumer group of its own (so that no other test's
+        members join its group); a short session so failover is quick."""
         return (
             f"kafka://{self.bootstrap}?topic={topic}&partitions={partitions}"
-            "&session_timeout_ms=2000"
+            f"&group={topic}.workers&session_timeout_ms=2000"
         )
 
     def start(self) -> TansuBroker:

@@ -3,8 +3,10 @@
 An upload (and the transaction that records a request's last image) inserts tasks
 with ``published_at`` unset. The relay publishes them in id order and then marks
 them; a crash between the two publishes them again, which is harmless because
-processing is idempotent. Several relays may run (one per process): at worst a task
-is published twice.
+processing is idempotent. Several relays run (one per process): each publishes a batch
+while holding its rows (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, the write lock on
+SQLite) and marks it in the same transaction, so relays side by side never publish a
+task twice, which would have two workers process it at once.
 """
 
 from __future__ import annotations
@@ -44,11 +46,13 @@ class OutboxRelay:
         *,
         interval: float = 1.0,
         batch: int = 500,
+        publish_timeout: float = 10.0,
     ) -> None:
         self.db = db
         self.publish = publish
         self.interval = interval
         self.batch = batch
+        self.publish_timeout = publish_timeout
         self._wakeup = asyncio.Event()
         self._stopping = False
 
@@ -73,19 +77,27 @@ class OutboxRelay:
 
     async def relay_once(self) -> int:
         """Publish one batch of pending tasks; returns how many were published."""
+        pending = (
+            select(t.tasks.c.id, t.tasks.c.request_id, t.tasks.c.kind, t.tasks.c.seq)
+            .where(t.tasks.c.published_at.is_(None) & (t.tasks.c.state == "queued"))
+            .order_by(t.tasks.c.id)
+            .limit(self.batch)
+        )
+        # Idle relays poll: a plain read (no lock) tells whether there is anything to do.
         async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(t.tasks.c.id, t.tasks.c.request_id, t.tasks.c.kind, t.tasks.c.seq)
-                    .where(t.tasks.c.published_at.is_(None) & (t.tasks.c.state == "queued"))
-                    .order_by(t.tasks.c.id)
-                    .limit(self.batch)
-                )
-            ).all()
-        if not rows:
-            return 0
-        await self.publish([TaskRecord(r.id, r.request_id, r.kind, r.seq) for r in rows])
+            if (await conn.execute(pending.limit(1))).first() is None:
+                return 0
+        if not self.db.is_sqlite:
+            pending = pending.with_for_update(skip_locked=True)
         async with self.db.write() as conn:
+            rows = (await conn.execute(pending)).all()
+            if not rows:
+                return 0  # another relay holds them
+            # Bounded: the rows (on SQLite, every writer) wait for this publish.
+            await asyncio.wait_for(
+                self.publish([TaskRecord(r.id, r.request_id, r.kind, r.seq) for r in rows]),
+                self.publish_timeout,
+            )
             await conn.execute(
                 update(t.tasks)
                 .where(t.tasks.c.id.in_([r.id for r in rows]))
