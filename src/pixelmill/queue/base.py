@@ -31,7 +31,8 @@ class Queue(Protocol):
         ...
 
     async def receive(self, timeout: float) -> TaskMessage | None:
-        """The next task, waiting up to ``timeout`` seconds; None when there was none."""
+        """The next task, waiting up to ``timeout`` seconds; None when there was none
+        (possibly sooner, after a :meth:`wake` that found nothing to take)."""
         ...
 
     async def renew(self, message: TaskMessage) -> bool:
