@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.support.backends import Backend
+from tests.support.databases import terminate_other_connections
 from tests.support.image_host import ImageHost
 from tests.support.images import decoded_size, jpeg_quality_of
 from tests.support.server import ServeProcess
@@ -264,3 +265,22 @@ def test_operations_endpoints(server: ServeProcess) -> None:
 def test_samples_are_served_and_allowed_by_prefix_only(server: ServeProcess) -> None:
     assert server.get("/samples/cat.jpg").headers["content-type"] == "image/jpeg"
     assert server.get("/samples/../pixelmill.db").status_code == 404
+
+
+def test_status_calls_survive_cut_database_connections(
+    server: ServeProcess, image_host: ImageHost, module_backend: Backend
+) -> None:
+    """The server drops every connection to the database again and again between status
+    calls: each is answered, on a fresh connection (the pool's pre-ping finds the dead
+    ones; a read cut in the middle of its query is retried)."""
+    if not module_backend.database_url.startswith("postgresql"):
+        pytest.skip("SQLite has no server whose connections could be cut")
+    accepted = upload(server, csv_bytes([["1", "P", image_host.url("img/coffee.jpg?cut")]]))
+    path = f"/api/v1/requests/{accepted['request_id']}"
+    cut = 0
+    for _ in range(40):
+        cut += terminate_other_connections(module_backend.database_url)
+        response = server.get(path)
+        assert response.status_code == 200, response.text
+        assert server.get(f"{path}/products").status_code == 200
+    assert cut >= 40, "the server's connections were cut between the calls"

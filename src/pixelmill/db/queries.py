@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import Row, func, select, true
 
 from pixelmill.db import tables as t
-from pixelmill.db.engine import Database
+from pixelmill.db.engine import Database, retry_transient
 from pixelmill.domain import ImageStatus
 
 _d = t.webhook_deliveries
@@ -30,6 +30,7 @@ def _owned(request_id: str, owner: str | None) -> Any:
     return condition
 
 
+@retry_transient
 async def get_request(db: Database, request_id: str, owner: str | None) -> Row[Any] | None:
     """One request with its counters and webhook; None when unknown or someone else's."""
     if "\x00" in request_id:
@@ -38,6 +39,7 @@ async def get_request(db: Database, request_id: str, owner: str | None) -> Row[A
         return (await conn.execute(_WITH_WEBHOOK.where(_owned(request_id, owner)))).first()
 
 
+@retry_transient
 async def list_requests(
     db: Database, owner: str | None, offset: int, limit: int
 ) -> tuple[list[Row[Any]], int]:
@@ -69,6 +71,7 @@ def product_status(statuses: list[str]) -> str:
     return ImageStatus.FAILED.value
 
 
+@retry_transient
 async def list_products(
     db: Database, request_id: str, offset: int, limit: int
 ) -> list[tuple[Row[Any], list[Row[Any]]]]:
