@@ -8,6 +8,7 @@ the long side at JPEG quality 90, served by a static aiohttp server in a subproc
   the ceiling, with no fetching, no quality estimate and no storing.
 - ``inline``: ``InlineImaging.process`` on the URLs (fetch, pipeline, store to disk).
 - ``http``: ``HttpImaging`` in this process calling one ``pixelmill imaging`` process.
+- ``http-procs``: the same against ``pixelmill imaging --processes N`` (one per core).
 
 Each mode runs ``--repeat`` times, interleaved with the others, and the median run
 counts. Usage: ``python benchmarks/imaging.py [--rounds N] [--repeat R] [--concurrency C]``.
@@ -197,7 +198,7 @@ def run(tmp: Path, rounds: int, concurrency: int, repeat: int) -> dict[str, obje
     corpus_dir = tmp / "corpus"
     corpus_dir.mkdir()
     corpus = build_corpus(corpus_dir)
-    static_port, service_port = free_port(), free_port()
+    static_port, service_port, pair_port = free_port(), free_port(), free_port()
     static = start(
         [sys.executable, __file__, "--serve-static", str(corpus_dir), str(static_port)],
         {},
@@ -208,14 +209,22 @@ def run(tmp: Path, rounds: int, concurrency: int, repeat: int) -> dict[str, obje
         {"PIXELMILL_DATA_DIR": str(tmp / "service"), "PIXELMILL_ALLOW_PRIVATE_URLS": "true"},
         tmp / "service.log",
     )
+    pair_command = ["imaging", "--port", str(pair_port), "--processes", str(CPUS)]
+    pair = start(
+        [sys.executable, "-m", "pixelmill", *pair_command],
+        {"PIXELMILL_DATA_DIR": str(tmp / "pair"), "PIXELMILL_ALLOW_PRIVATE_URLS": "true"},
+        tmp / "pair.log",
+    )
     service_url = f"http://127.0.0.1:{service_port}"
+    pair_url = f"http://127.0.0.1:{pair_port}"
     rows: list[dict[str, object]] = []
     try:
         wait_healthy(f"http://127.0.0.1:{static_port}/", static, "the static server")
         wait_healthy(f"{service_url}/healthz", service, "pixelmill imaging")
+        wait_healthy(f"{pair_url}/healthz", pair, "pixelmill imaging --processes")
         for size in SIZES:
             urls = [f"http://127.0.0.1:{static_port}/{path.name}" for path in corpus[size]]
-            runs: dict[str, list[float]] = {"bare": [], "inline": [], "http": []}
+            runs: dict[str, list[float]] = {"bare": [], "inline": [], "http": [], "http-procs": []}
             for _ in range(repeat):  # interleaved, so that a noisy neighbour hits every mode
                 runs["bare"].append(bare_loop(corpus[size], rounds))
                 inline_dir = tmp / f"inline-{size}"
@@ -223,9 +232,12 @@ def run(tmp: Path, rounds: int, concurrency: int, repeat: int) -> dict[str, obje
                     asyncio.run(inline_run(inline_dir, urls, rounds, concurrency))
                 )
                 runs["http"].append(asyncio.run(http_run(service_url, urls, rounds, concurrency)))
+                runs["http-procs"].append(
+                    asyncio.run(http_run(pair_url, urls, rounds, concurrency))
+                )
             rows.extend(summarise(size, len(urls) * rounds, runs))
     finally:
-        for process in (service, static):
+        for process in (service, pair, static):
             process.terminate()
             process.wait(timeout=30)
     return {

@@ -126,24 +126,42 @@ def api(
 
 
 @app.command()
-def imaging(host: HostOption = "127.0.0.1", port: Annotated[int, typer.Option()] = 8001) -> None:
+def imaging(
+    host: HostOption = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8001,
+    processes: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Processes sharing the port, each with its own event loop and threads."
+        ),
+    ] = 1,
+) -> None:
     """The imaging service alone, for workers with PIXELMILL_IMAGING_URL=http://HOST:PORT."""
     import uvicorn
 
     from pixelmill.imaging.service import KEEP_ALIVE_SECONDS, create_imaging_app
 
     _logging()
-    application = create_imaging_app(_settings())
+    settings = _settings()  # refused here, once, when invalid
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_level": "info",
+        "access_log": False,  # one line per image would cost more than it tells
+        "timeout_keep_alive": KEEP_ALIVE_SECONDS,
+        "timeout_graceful_shutdown": 30,
+    }
     _exit_zero_on_sigterm()
-    uvicorn.run(
-        application,
-        host=host,
-        port=port,
-        log_level="info",
-        access_log=False,  # one line per image would cost more than it tells
-        timeout_keep_alive=KEEP_ALIVE_SECONDS,
-        timeout_graceful_shutdown=30,
-    )
+    if processes == 1:
+        uvicorn.run(create_imaging_app(settings), **options)
+    else:
+        # Each process builds its own app from the environment (uvicorn's workers).
+        uvicorn.run(
+            "pixelmill.imaging.service:app_from_environment",
+            factory=True,
+            workers=processes,
+            **options,
+        )
 
 
 @app.command()

@@ -341,3 +341,21 @@ def test_serve_with_two_imaging_services_completes_a_csv(
         server.stop()
         for service in services:
             service.stop()
+
+
+async def test_a_service_of_several_processes_serves_and_stops_cleanly(
+    tmp_path: Path, image_host: ImageHost, make_client: MakeClient
+) -> None:
+    service = ImagingProcess(tmp_path, processes=2).start()
+    try:
+        client = make_client(service.url)
+        outcomes = await asyncio.gather(
+            *(
+                client.process(url, ProcessingOptions(), f"procs/{i}")
+                for i, url in enumerate(photo_urls(image_host, 8))
+            )
+        )
+        assert all(processed(outcome).width > 0 for outcome in outcomes)
+        assert service.log().count("Application startup complete") == 2, service.log()
+    finally:
+        assert service.terminate(timeout=60) == 0, service.log()

@@ -21,7 +21,11 @@ class ImagingProcess(PixelmillProcess):
     """``pixelmill imaging`` on a free port (or ``port``); logs in ``data_dir``."""
 
     def __init__(
-        self, data_dir: Path, env: dict[str, str] | None = None, port: int | None = None
+        self,
+        data_dir: Path,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        processes: int = 1,
     ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
@@ -33,7 +37,7 @@ class ImagingProcess(PixelmillProcess):
             **(env or {}),
         }
         super().__init__(
-            ["imaging", "--port", str(self.port)],
+            ["imaging", "--port", str(self.port), "--processes", str(processes)],
             full_env,
             data_dir / f"imaging-{self.port}.log",
             f"{self.url}/healthz",

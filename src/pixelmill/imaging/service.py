@@ -120,6 +120,12 @@ def create_imaging_app(settings: Settings) -> FastAPI:
     return app
 
 
+def app_from_environment() -> FastAPI:
+    """The service built from ``PIXELMILL_*`` variables: the factory that each process of
+    ``pixelmill imaging --processes N`` calls."""
+    return create_imaging_app(Settings())
+
+
 def _add_routes(app: FastAPI) -> None:
     in_flight: InFlight = app.state.in_flight
 
