@@ -52,6 +52,19 @@ def probe_async(owner: Any, name: str, label: str) -> None:
     setattr(owner, name, probe)
 
 
+def probe_sync(owner: Any, name: str, label: str) -> None:
+    original = getattr(owner, name)
+
+    def probe(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            events[label].append((started, time.perf_counter(), None))
+
+    setattr(owner, name, probe)
+
+
 def install() -> None:
     import pixelmill.db.work as work
     import pixelmill.imaging.fetch as fetch
@@ -74,8 +87,8 @@ def install() -> None:
 
     inline.process_image = timed_process_image  # type: ignore[assignment]
     probe_async(fetch.Fetcher, "fetch", "fetch")
-    probe_async(inline.InlineImaging, "_transform", "transform incl. wait for a CPU slot")
-    probe_async(storage.LocalStorage, "put_bytes", "store")
+    probe_async(inline.InlineImaging, "process", "imaging: fetch, slot, transform, store")
+    probe_sync(storage.LocalStorage, "put_bytes_blocking", "store (in the imaging thread)")
     probe_async(recorder.ResultRecorder, "record", "record (until committed)")
     probe_async(work, "record_results", "record_results transaction")
     probe_async(work, "start_task", "start_task transaction")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
@@ -93,8 +94,6 @@ def _run_server(settings: Settings, host: str, port: int, **app_options: bool) -
 
 def _public_url(host: str, port: int) -> str | None:
     """The default public URL follows --host/--port unless PIXELMILL_PUBLIC_URL is set."""
-    import os
-
     if os.environ.get("PIXELMILL_PUBLIC_URL"):
         return None
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
@@ -104,8 +103,8 @@ def _public_url(host: str, port: int) -> str | None:
 @app.command()
 def serve(host: HostOption = "127.0.0.1", port: Annotated[int, typer.Option()] = 8000) -> None:
     """All in one: API, worker and inline imaging on the embedded defaults."""
-    _logging()
     settings = _settings(public_url=_public_url(host, port))
+    _logging(settings.log_level)
     # The shipped sample photos are the one private-address source allowed by default.
     settings.trusted_source_prefixes = [*settings.trusted_source_prefixes, settings.samples_prefix]
     _run_server(settings, host, port, run_worker=True, migrate=True, samples=True)
@@ -120,8 +119,8 @@ def api(
     ] = False,
 ) -> None:
     """The HTTP API alone (workers run apart with ``pixelmill worker``)."""
-    _logging()
     settings = _settings(public_url=_public_url(host, port))
+    _logging(settings.log_level)
     _run_server(settings, host, port, migrate=True, samples=samples)
 
 
@@ -141,8 +140,8 @@ def imaging(
 
     from pixelmill.imaging.service import KEEP_ALIVE_SECONDS, create_imaging_app
 
-    _logging()
     settings = _settings()  # refused here, once, when invalid
+    _logging(settings.log_level)
     options: dict[str, Any] = {
         "host": host,
         "port": port,
@@ -210,7 +209,8 @@ def process(
     """One shot, no server: the whole pipeline in this process, results in OUT."""
     from pixelmill.oneshot import run_oneshot
 
-    settings = _settings(log_level="WARNING")
+    # Quiet unless asked: the progress bar is the output of a one-shot run.
+    settings = _settings(log_level=os.environ.get("PIXELMILL_LOG_LEVEL") or "WARNING")
     _logging(settings.log_level)
     code = _run_async(
         run_oneshot(

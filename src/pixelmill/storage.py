@@ -40,12 +40,6 @@ class StoredObject:
 class Storage(Protocol):
     """Objects by key; every write is whole and idempotent (same key, same bytes)."""
 
-    async def put_bytes(
-        self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str] | None = None
-    ) -> None:
-        """Store ``data`` under ``key``; ``metadata`` is stored with it, in the same write."""
-        ...
-
     async def find(self, stem: str, extensions: Iterable[str]) -> StoredObject | None:
         """The object stored under ``stem.EXT`` for one of ``extensions`` with metadata,
         or None (an object stored without metadata is not reported)."""
@@ -54,7 +48,8 @@ class Storage(Protocol):
     def put_bytes_blocking(
         self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str] | None = None
     ) -> None:
-        """:meth:`put_bytes` for a caller already off the event loop (an imaging thread)."""
+        """Store ``data`` under ``key``, ``metadata`` with it in the same write; blocks, so
+        it is called off the event loop (the imaging thread that encoded the bytes)."""
         ...
 
     async def put_file(self, key: str, path: Path, content_type: str) -> None: ...
@@ -91,11 +86,6 @@ class LocalStorage:
 
     def url_for(self, key: str) -> str:
         return f"{self.base_url}/{quote(check_key(key))}"
-
-    async def put_bytes(
-        self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str] | None = None
-    ) -> None:
-        await asyncio.to_thread(self._write, self.local_path(key), data, metadata)
 
     async def find(self, stem: str, extensions: Iterable[str]) -> StoredObject | None:
         # A few stat-sized calls on a local folder: not worth a thread hop.

@@ -39,9 +39,9 @@ async def test_a_second_attempt_finds_the_stored_object(
 
 async def test_an_object_stored_without_metadata_is_not_trusted(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "files", "http://files.test/files")
-    await storage.put_bytes("req/1-1.jpg", b"older bytes", "image/jpeg")
+    storage.put_bytes_blocking("req/1-1.jpg", b"older bytes", "image/jpeg")
     assert await storage.find("req/1-1", OUTPUT_EXTENSIONS) is None
-    await storage.put_bytes("req/1-1.png", b"png", "image/png", {"format": "png"})
+    storage.put_bytes_blocking("req/1-1.png", b"png", "image/png", {"format": "png"})
     found = await storage.find("req/1-1", OUTPUT_EXTENSIONS)
     assert found is not None and (found.key, found.size) == ("req/1-1.png", 3)
     assert await storage.find("req/1-10", OUTPUT_EXTENSIONS) is None
