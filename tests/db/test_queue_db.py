@@ -106,6 +106,21 @@ async def test_receive_on_an_empty_queue_waits_for_its_timeout(db: Database) -> 
     assert await q.receive(timeout=0) is None
 
 
+async def test_one_wake_ends_every_receive_waiting_on_an_empty_queue(db: Database) -> None:
+    # The task slots of one worker share its queue: a wake (stop, or a finalize task
+    # queued) must reach each of them, also one that was busy looking when it came.
+    q = queue(db, "worker-a", poll=0.02)
+    for _ in range(5):
+        receivers = [asyncio.create_task(q.receive(timeout=30)) for _ in range(8)]
+        await asyncio.sleep(0)  # let them start looking
+        q.wake()
+        done, late = await asyncio.wait(receivers, timeout=5)
+        for task in late:
+            task.cancel()
+        assert not late, f"{len(late)} of 8 receives did not hear the wake"
+        assert all(task.result() is None for task in done)
+
+
 async def test_the_leased_task_records_its_owner_and_lease(db: Database, tmp_path: Path) -> None:
     accepted = await stage(db, tmp_path, 1)
     q = queue(db, "worker-a", lease=30)

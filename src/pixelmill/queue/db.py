@@ -45,24 +45,29 @@ class DbQueue:
         """Nothing to start: the table is the queue."""
 
     def wake(self) -> None:
+        # Every receive waiting now hears this wake; later ones wait on a fresh event,
+        # so one receiver can never swallow the wake of another.
         self._wakeup.set()
+        self._wakeup = asyncio.Event()
 
     async def receive(self, timeout: float) -> TaskMessage | None:
         deadline = time.monotonic() + timeout
         woken = False
         while True:
-            # Cleared before looking, so a wake() during the look is not lost.
-            self._wakeup.clear()
+            # Taken before looking, so a wake() during the look is not lost.
+            wakeup = self._wakeup
             message = await self._claim()
             remaining = deadline - time.monotonic()
             # After a wake with nothing to take, return at once: the caller may be stopping.
             if message or remaining <= 0 or woken:
                 return message
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), min(self.poll_interval, remaining))
-                woken = True
-            except TimeoutError:
-                pass
+            if not wakeup.is_set():
+                try:
+                    async with asyncio.timeout(min(self.poll_interval, remaining)):
+                        await wakeup.wait()
+                except TimeoutError:
+                    continue
+            woken = True
 
     @retry_transient
     async def _claim(self) -> TaskMessage | None:
@@ -148,4 +153,4 @@ class DbQueue:
             await conn.execute(update(t_tasks).where(self._mine(message)).values(**values))
 
     async def close(self) -> None:
-        self._wakeup.set()
+        self.wake()
