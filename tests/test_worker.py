@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from pixelmill.config import Settings
 from pixelmill.csvio import CsvLimits
@@ -149,4 +150,39 @@ async def test_a_worker_whose_connections_are_cut_again_and_again_completes(
         async for _cells, outputs in work.output_rows(runtime.db, request_id):
             assert len(outputs) == 2 and all(outputs)
     finally:
+        await runtime.close()
+
+
+async def test_a_worker_takes_another_task_only_when_an_image_slot_is_free(
+    settings: Settings, image_host: ImageHost, tmp_path: Path
+) -> None:
+    # Two image slots, four task slots, one image per task: while both images of the
+    # first tasks hang at the image host, the other tasks stay queued for other workers.
+    settings = settings.model_copy(
+        update={"worker_concurrency": 2, "worker_tasks_in_flight": 4, "task_max_images": 1}
+    )
+    runtime = await Runtime.open(settings, migrate=True)
+    image_host.gate.clear()
+    try:
+        tag = uuid.uuid4().hex[:8]
+        urls = [[image_host.url(f"gate/img/cat.jpg?{tag}={n}")] for n in range(6)]
+        request_id = await _stage(runtime, _write_csv(tmp_path / "in.csv", urls))
+        runtime.start_worker()
+
+        async def both_slots_hang() -> bool:
+            return sum(image_host.hits[f"/gate/img/cat.jpg?{tag}={n}"] for n in range(6)) == 2
+
+        await async_wait_until(both_slots_hang, timeout=30, what="two fetches at the host")
+        async with runtime.db.read() as conn:
+            states = (
+                await conn.execute(
+                    select(t.tasks.c.state).where(t.tasks.c.request_id == request_id)
+                )
+            ).scalars()
+            assert sorted(states) == ["leased"] * 2 + ["queued"] * 4
+        image_host.gate.set()
+        row = await async_wait_until(lambda: _finished(runtime, request_id), timeout=30)
+        assert row.status == "completed" and row.completed == 6
+    finally:
+        image_host.gate.set()
         await runtime.close()

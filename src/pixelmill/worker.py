@@ -60,6 +60,13 @@ class _Lease:
     lost: bool = False
 
 
+@dataclass(eq=False)
+class _Unstarted:
+    """How many images of a task in hand have not had an image slot yet."""
+
+    images: int
+
+
 class Worker:
     """Runs tasks from ``queue`` until asked to stop."""
 
@@ -80,6 +87,13 @@ class Worker:
         self.on_closed = on_closed  # hears of each request this worker closes
         self.retry = RetryPolicy(settings.image_attempts, settings.retry_backoff_seconds)
         self._image_slots = asyncio.Semaphore(settings.worker_concurrency)
+        # Tasks are taken by one task slot at a time, and only while an image slot is
+        # free: images taken but queued here would sit idle while another worker has
+        # nothing left to do (the end of every request).
+        self._taking = asyncio.Lock()
+        self._capacity_changed = asyncio.Event()
+        self._task_started = asyncio.Event()
+        self._tasks_in_hand: set[_Unstarted] = set()
         # A finished request has just queued its finalize task: look for it at once.
         self.recorder = ResultRecorder(db, on_finished=lambda _request_id: queue.wake())
         self._stopping = asyncio.Event()
@@ -101,20 +115,57 @@ class Worker:
     def stop(self) -> None:
         """Stop taking tasks; tasks in hand finish within the grace period."""
         self._stopping.set()
+        self._capacity_changed.set()
         self.queue.wake()
+
+    def _has_capacity(self) -> bool:
+        waiting = sum(task.images for task in self._tasks_in_hand)
+        return waiting == 0 and not self._image_slots.locked()
+
+    async def _wait_for_capacity(self) -> None:
+        while True:
+            self._capacity_changed.clear()
+            if self._has_capacity() or self._stopping.is_set():
+                return
+            # An image holds a slot (or waits for one): its move sets the event again.
+            await self._capacity_changed.wait()
+
+    async def _take(self) -> tuple[TaskMessage, asyncio.Task[None]] | None:
+        """Receive a task when there is room for it and start handling it; a process
+        task counts as started once its images queue for image slots."""
+        await self._wait_for_capacity()
+        if self._stopping.is_set():
+            return None
+        try:
+            message = await self.queue.receive(timeout=1.0)
+        except Exception:
+            log.exception("receiving a task failed; retrying")
+            await asyncio.sleep(1.0)
+            return None
+        if message is None:
+            return None
+        self._task_started.clear()
+        handling = asyncio.create_task(self._handle_with_grace(message))
+        if message.kind is TaskKind.PROCESS:
+            started = asyncio.create_task(self._task_started.wait())
+            try:
+                await asyncio.wait({handling, started}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                handling.cancel()
+                raise
+            finally:
+                started.cancel()
+        return message, handling
 
     async def _slot(self) -> None:
         while not self._stopping.is_set():
-            try:
-                message = await self.queue.receive(timeout=1.0)
-            except Exception:
-                log.exception("receiving a task failed; retrying")
-                await asyncio.sleep(1.0)
+            async with self._taking:
+                taken = await self._take()
+            if taken is None:
                 continue
-            if message is None:
-                continue
+            message, handling = taken
             try:
-                await self._handle_with_grace(message)
+                await handling
             except Exception:
                 # Even the retry or ack failed (the database is away): keep the slot
                 # alive; the task's lease runs out and it is delivered again.
@@ -202,12 +253,19 @@ class Worker:
         task = await work.start_task(self.db, task_id)
         if task is None:
             return
-        await asyncio.gather(
-            *(
-                self._process_and_record(task.request_id, task.options, image)
-                for image in task.images
+        unstarted = _Unstarted(len(task.images))
+        self._tasks_in_hand.add(unstarted)
+        self._task_started.set()
+        try:
+            await asyncio.gather(
+                *(
+                    self._process_and_record(task.request_id, task.options, image, unstarted)
+                    for image in task.images
+                )
             )
-        )
+        finally:
+            self._tasks_in_hand.discard(unstarted)
+            self._capacity_changed.set()
 
     async def fail_task(self, task_id: int, reason: str) -> None:
         """Fail every image of the task that is not terminal yet, with ``internal_error``."""
@@ -225,24 +283,37 @@ class Worker:
         )
 
     async def _process_and_record(
-        self, request_id: str, options: ProcessingOptions, image: ImageRecord
+        self,
+        request_id: str,
+        options: ProcessingOptions,
+        image: ImageRecord,
+        unstarted: _Unstarted | None = None,
     ) -> None:
-        result = await self._process_image(request_id, options, image)
+        result = await self._process_image(request_id, options, image, unstarted)
         await self.recorder.record(request_id, result)
 
     async def _process_image(
-        self, request_id: str, options: ProcessingOptions, image: ImageRecord
+        self,
+        request_id: str,
+        options: ProcessingOptions,
+        image: ImageRecord,
+        unstarted: _Unstarted | None = None,
     ) -> work.ImageResult:
         stem = f"{request_id}/{image.row_index + 1}-{image.position}"
         attempt = 0
         waits = 0
         while True:
             async with self._image_slots:
+                if unstarted is not None:
+                    unstarted.images -= 1
+                    unstarted = None
+                    self._capacity_changed.set()
                 try:
                     outcome = await self.imaging.process(image.input_url, options, stem)
                 except ImagingUnavailableError as exc:
                     outcome = None
                     reason = exc
+            self._capacity_changed.set()
             if outcome is None:
                 # No imaging service took it: wait for one, spending no attempt of the image.
                 waits += 1
