@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from tests.support.image_host import ImageHost
 from tests.support.images import PHOTOS
@@ -86,3 +90,35 @@ def test_sigterm_stops_the_worker_processes_and_exits_zero(tmp_path: Path) -> No
     assert server.terminate(timeout=60) == 0, server.log()
     assert not any(alive(pid) for pid in workers), "no worker process outlives serve"
     assert "did not stop in time" not in server.log()
+
+
+def run_process(tmp_path: Path, image_host: ImageHost, images: int) -> subprocess.CompletedProcess:
+    """``pixelmill process`` on ``images`` images, two images per task, two processes."""
+    lines = ["S. No.,Product Name,Input Image Urls"]
+    lines += [f"{n},P{n},{image_host.url(f'img/{PHOTOS[0]}?share={n}')}" for n in range(images)]
+    source = tmp_path / "in.csv"
+    source.write_text("\n".join(lines) + "\n")
+    env = {
+        **os.environ,
+        "PIXELMILL_ALLOW_PRIVATE_URLS": "true",
+        "PIXELMILL_TASK_MAX_IMAGES": "2",
+        "PIXELMILL_WORKER_PROCESSES": "2",
+        "PIXELMILL_LOG_LEVEL": "INFO",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "pixelmill", "process", str(source), "-o", str(tmp_path / "out")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("images", "helpers_started"), [(8, 1), (2, 0)])
+def test_process_lets_its_early_worker_process_in_only_when_there_is_work_to_share(
+    tmp_path: Path, image_host: ImageHost, images: int, helpers_started: int
+) -> None:
+    # The second process starts before the request is staged and waits at its gate;
+    # with one task (two images) there is nothing to share, and it leaves unused.
+    result = run_process(tmp_path, image_host, images=images)
+    assert result.returncode == 0, result.stderr
+    assert f"completed: {images} completed" in result.stderr
+    assert result.stderr.count("pixelmill: worker started") == helpers_started, result.stderr
+    assert "did not stop in time" not in result.stderr

@@ -170,11 +170,14 @@ def worker(
     ] = None,
 ) -> None:
     """A long-running worker: takes tasks from the queue until SIGTERM or SIGINT."""
-    from pixelmill.supervisor import child_settings
+    from pixelmill.runtime import Runtime  # noqa: F401  (the slow imports, before the gate)
+    from pixelmill.supervisor import child_settings, wait_at_gate
 
     handed_down = child_settings()
     settings = handed_down or _settings(worker_concurrency=concurrency)
     _logging(settings.log_level)
+    if not wait_at_gate():
+        return  # the parent started this worker early, then found no work for it
     # A worker process of ``serve`` or ``process``: its parent has migrated already.
     _run_async(_run_worker(settings, migrate=handed_down is None))
 

@@ -11,17 +11,18 @@ import asyncio
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pixelmill.config import Settings
 from pixelmill.csvio import CsvLimits, CsvRejected
-from pixelmill.db import work
-from pixelmill.db.ingest import stage_request
 from pixelmill.domain import ProcessingOptions
-from pixelmill.runtime import Runtime
+from pixelmill.supervisor import WorkerProcesses
+
+if TYPE_CHECKING:
+    from pixelmill.runtime import Runtime
 
 
 async def run_oneshot(
@@ -45,44 +46,71 @@ async def run_oneshot(
         return 2
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pixelmill-process-") as state:
-        local = settings.model_copy(
-            update={
-                "database_url": f"sqlite:///{Path(state) / 'pixelmill.db'}",
-                "queue_url": "db://",
-                # The images must land in OUT, not in an imaging service's storage.
-                "imaging_url": "inline://",
-                "storage_url": f"file://{(out / 'images').resolve()}",
-                "storage_base_url": "images",
-                "poll_interval": 0.05,
-            }
-        )
-        runtime = await Runtime.open(local, migrate=True)
+        local = _local_settings(settings, Path(state), out)
+        # The other worker processes (one per core) start first, so that their start-up
+        # runs beside this process's own; they wait at a gate until there is work.
+        helpers = WorkerProcesses(local, max(0, local.worker_process_count - 1), gated=True)
+        await helpers.start()
         try:
-            try:
-                accepted = await stage_request(
-                    runtime.db,
-                    file,
-                    options=options,
-                    webhook_url=None,
-                    owner=None,
-                    limits=CsvLimits(settings.max_rows, settings.max_urls_per_row),
-                    task_max_images=settings.task_max_images,
-                    batch_rows=settings.ingest_batch_rows,
-                )
-            except CsvRejected as exc:
-                console.print(f"[red]{exc.message}[/red]")
-                for problem in exc.problems[:20]:
-                    console.print(f"  line {problem.line}, {problem.column}: {problem.message}")
-                return 2
-            # This process works too, beside the other worker processes (one per core),
-            # which are worth starting only when there is more than one task to share.
-            runtime.start_worker(webhooks=False)  # a one-shot request has no webhook
-            extra_processes = local.worker_process_count - 1
-            if extra_processes > 0 and accepted.images > local.task_max_images:
-                await runtime.start_workers(extra_processes)
-            row = await _follow(runtime, accepted.request_id, accepted.images, console)
+            return await _process(local, helpers, file, out, console, options)
         finally:
-            await runtime.close()
+            await helpers.stop(local.shutdown_grace_seconds + 10)
+
+
+def _local_settings(settings: Settings, state: Path, out: Path) -> Settings:
+    """A throw-away database and queue in ``state``; the images land in ``out``."""
+    return settings.model_copy(
+        update={
+            "database_url": f"sqlite:///{state / 'pixelmill.db'}",
+            "queue_url": "db://",
+            # The images must land in OUT, not in an imaging service's storage.
+            "imaging_url": "inline://",
+            "storage_url": f"file://{(out / 'images').resolve()}",
+            "storage_base_url": "images",
+            "poll_interval": 0.05,
+        }
+    )
+
+
+async def _process(
+    local: Settings,
+    helpers: WorkerProcesses,
+    file: Path,
+    out: Path,
+    console: Console,
+    options: ProcessingOptions,
+) -> int:
+    # Imported here, after the helpers were started: these imports are most of the start-up.
+    from pixelmill.db.ingest import stage_request
+    from pixelmill.runtime import Runtime
+
+    runtime = await Runtime.open(local, migrate=True)
+    try:
+        try:
+            accepted = await stage_request(
+                runtime.db,
+                file,
+                options=options,
+                webhook_url=None,
+                owner=None,
+                limits=CsvLimits(local.max_rows, local.max_urls_per_row),
+                task_max_images=local.task_max_images,
+                batch_rows=local.ingest_batch_rows,
+            )
+        except CsvRejected as exc:
+            console.print(f"[red]{exc.message}[/red]")
+            for problem in exc.problems[:20]:
+                console.print(f"  line {problem.line}, {problem.column}: {problem.message}")
+            return 2
+        # This process works too. The helpers are worth it only when there is more than
+        # one task to share; otherwise they leave, when stopped, without starting.
+        runtime.start_worker(webhooks=False)  # a one-shot request has no webhook
+        if accepted.images > local.task_max_images:
+            helpers.open_gate()
+        row = await _follow(runtime, accepted.request_id, accepted.images, console)
+    finally:
+        await helpers.stop(local.shutdown_grace_seconds + 10)
+        await runtime.close()
     output_csv = runtime.storage.local_path(row.output_key)
     assert output_csv is not None  # the storage is a local folder
     shutil.move(output_csv, out / "output.csv")
@@ -93,6 +121,8 @@ async def run_oneshot(
 
 
 async def _follow(runtime: Runtime, request_id: str, total: int, console: Console) -> Any:
+    from pixelmill.db import work
+
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),

@@ -6,6 +6,10 @@ with its own event loop and its own GIL, so the Python work of fetching, recordi
 coordinating spreads over every core instead of queueing behind one interpreter lock,
 and the API's event loop answers status calls without waiting behind image work.
 
+A parent may start its children before it is ready for them (``gated``): each child
+does its slow start-up (the imports) beside the parent's own, then waits at a gate (a
+pipe) until :meth:`WorkerProcesses.open_gate`, or exits when the gate is closed unused.
+
 A child gets the parent's settings whole (``PIXELMILL_SETTINGS_JSON``) and watches its
 parent. The parent stops its children with SIGTERM (each finishes or hands back its
 tasks); when the parent itself dies without that, the children die with it, so that a
@@ -31,6 +35,7 @@ log = logging.getLogger(__name__)
 
 SETTINGS_ENV = "PIXELMILL_SETTINGS_JSON"
 PARENT_ENV = "PIXELMILL_PARENT_PID"
+GATE_ENV = "PIXELMILL_START_GATE_FD"
 _PR_SET_PDEATHSIG = 1
 _RESTART_DELAY = 1.0
 
@@ -39,6 +44,16 @@ def child_settings() -> Settings | None:
     """The settings a parent handed to this process, or None when it has no parent."""
     blob = os.environ.get(SETTINGS_ENV)
     return Settings.model_validate_json(blob) if blob else None
+
+
+def wait_at_gate() -> bool:
+    """In a child started gated: block until the parent opens the gate (True) or closes
+    it unused (False). True at once for a child that was started without a gate."""
+    descriptor = os.environ.pop(GATE_ENV, None)
+    if descriptor is None:
+        return True
+    with os.fdopen(int(descriptor), "rb") as gate:
+        return gate.read(1) == b"1"
 
 
 def follow_parent(on_parent_gone: Callable[[], None]) -> asyncio.Task[None] | None:
@@ -67,10 +82,12 @@ def follow_parent(on_parent_gone: Callable[[], None]) -> asyncio.Task[None] | No
 class WorkerProcesses:
     """``count`` children running ``pixelmill worker`` with these settings."""
 
-    def __init__(self, settings: Settings, count: int) -> None:
+    def __init__(self, settings: Settings, count: int, *, gated: bool = False) -> None:
         self.settings = settings
         self.count = count
+        self.gated = gated
         self._children: dict[int, asyncio.subprocess.Process] = {}
+        self._gates: list[int] = []  # write ends of the gates of children still waiting
         self._keepers: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -82,21 +99,44 @@ class WorkerProcesses:
     async def start(self) -> None:
         """Start every child and keep each one running until :meth:`stop`."""
         for slot in range(self.count):
-            await self._spawn(slot)
+            await self._spawn(slot, gated=self.gated)
             self._keepers.append(
                 asyncio.create_task(self._keep(slot), name=f"pixelmill-worker-process-{slot}")
             )
         log.info("started %d worker processes: %s", self.count, self.pids)
 
-    async def _spawn(self, slot: int) -> None:
+    async def _spawn(self, slot: int, gated: bool = False) -> None:
         environment = {
             **os.environ,
             SETTINGS_ENV: self.settings.model_dump_json(),
             PARENT_ENV: str(os.getpid()),
         }
-        self._children[slot] = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pixelmill", "worker", env=environment
-        )
+        kept: tuple[int, ...] = ()
+        if gated:
+            gate_read, gate_write = os.pipe()
+            environment[GATE_ENV] = str(gate_read)
+            kept = (gate_read,)
+        try:
+            self._children[slot] = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "pixelmill", "worker", env=environment, pass_fds=kept
+            )
+        finally:
+            if gated:
+                os.close(gate_read)
+        if gated:
+            self._gates.append(gate_write)
+
+    def open_gate(self) -> None:
+        """Let gated children start work (a no-op for children started without a gate)."""
+        self._close_gates(b"1")
+
+    def _close_gates(self, word: bytes) -> None:
+        for gate in self._gates:
+            with contextlib.suppress(OSError):  # the child is gone already
+                if word:
+                    os.write(gate, word)
+            os.close(gate)
+        self._gates.clear()
 
     async def _keep(self, slot: int) -> None:
         while True:
@@ -112,6 +152,7 @@ class WorkerProcesses:
     async def stop(self, timeout: float) -> None:
         """SIGTERM every child (each finishes or hands back its tasks), SIGKILL stragglers."""
         self._stopping = True
+        self._close_gates(b"")  # children still at the gate exit
         running = [child for child in self._children.values() if child.returncode is None]
         for child in running:
             with contextlib.suppress(ProcessLookupError):
