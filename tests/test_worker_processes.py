@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pixelmill.supervisor import CONTROL_ENV, GATED_ENV, follow_parent, wait_at_gate
 from tests.support.image_host import ImageHost
 from tests.support.images import PHOTOS
 from tests.support.server import ServeProcess
@@ -79,6 +81,37 @@ def test_a_dead_worker_process_is_replaced_and_all_die_with_serve(
         )
     finally:
         server.stop()
+
+
+async def test_a_child_hears_wakes_on_its_control_pipe_and_stops_when_it_closes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    control_read, control_write = os.pipe()
+    monkeypatch.setenv(CONTROL_ENV, str(control_read))
+    woken, gone = asyncio.Event(), asyncio.Event()
+    assert follow_parent(on_wake=woken.set, on_parent_gone=gone.set)
+    os.write(control_write, b"w")
+    await asyncio.wait_for(woken.wait(), timeout=10)
+    assert not gone.is_set()
+    os.close(control_write)  # as when the parent stops its children, or dies
+    await asyncio.wait_for(gone.wait(), timeout=10)
+    os.close(control_read)
+
+
+@pytest.mark.parametrize(("words", "opened"), [(b"wwo", True), (b"ww", False), (b"", False)])
+def test_a_gated_child_starts_on_the_open_word_and_leaves_when_the_pipe_closes_first(
+    monkeypatch: pytest.MonkeyPatch, words: bytes, opened: bool
+) -> None:
+    control_read, control_write = os.pipe()
+    monkeypatch.setenv(CONTROL_ENV, str(control_read))
+    monkeypatch.setenv(GATED_ENV, "1")
+    os.write(control_write, words)  # wakes sent before the gate opens are no signal
+    if not opened:
+        os.close(control_write)
+    assert wait_at_gate() is opened
+    os.close(control_read)
+    if opened:
+        os.close(control_write)
 
 
 def test_sigterm_stops_the_worker_processes_and_exits_zero(tmp_path: Path) -> None:

@@ -191,11 +191,9 @@ async def _run_worker(settings: Settings, migrate: bool = True) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
-    watcher = follow_parent(worker.stop)
+    follow_parent(on_wake=runtime.queue.wake, on_parent_gone=worker.stop)
     logging.getLogger("pixelmill").info("worker started")
     await runtime.close_when_stopped()
-    if watcher:
-        watcher.cancel()
 
 
 @app.command()

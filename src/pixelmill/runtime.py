@@ -85,6 +85,12 @@ class Runtime:
         self.worker_processes = WorkerProcesses(self.settings, processes)
         await self.worker_processes.start()
 
+    def wake_workers(self) -> None:
+        """Have this process's workers look for tasks now (after queueing some)."""
+        self.queue.wake()
+        if self.worker_processes:
+            self.worker_processes.wake()
+
     def wake_webhooks(self) -> None:
         """Have this process's dispatcher, if it runs one, look for due deliveries now."""
         if self.dispatcher:

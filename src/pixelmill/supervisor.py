@@ -6,16 +6,19 @@ with its own event loop and its own GIL, so the Python work of fetching, recordi
 coordinating spreads over every core instead of queueing behind one interpreter lock,
 and the API's event loop answers status calls without waiting behind image work.
 
-A parent may start its children before it is ready for them (``gated``): each child
-does its slow start-up (the imports) beside the parent's own, then waits at a gate (a
-pipe) until :meth:`WorkerProcesses.open_gate`, or exits when the gate is closed unused.
+A child gets the parent's settings whole (``PIXELMILL_SETTINGS_JSON``) and the read end
+of a control pipe from it. Through the pipe the parent wakes its children when it has
+queued work (an upload), so that they take it at once instead of at their next poll.
+A parent may also start its children before it is ready for them (``gated``): each
+child does its slow start-up (the imports) beside the parent's own, then waits until
+:meth:`WorkerProcesses.open_gate`, or leaves when the pipe is closed unused.
 
-A child gets the parent's settings whole (``PIXELMILL_SETTINGS_JSON``) and watches its
-parent. The parent stops its children with SIGTERM (each finishes or hands back its
-tasks); when the parent itself dies without that, the children die with it, so that a
-killed ``serve`` is gone as one process would be (Linux ``PR_SET_PDEATHSIG``; elsewhere
-the child notices within a second and stops gracefully). Their tasks come back when the
-leases run out, as after any crash. A child that dies unexpectedly is restarted.
+The parent stops its children by closing the pipes and with SIGTERM (each finishes or
+hands back its tasks). When the parent dies without that, the children die with it, so
+that a killed ``serve`` is gone as one process would be (Linux ``PR_SET_PDEATHSIG``;
+elsewhere the pipe's closing tells the child, which stops gracefully). Their tasks come
+back when the leases run out, as after any crash. A child that dies unexpectedly is
+restarted.
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ from pixelmill.config import Settings
 log = logging.getLogger(__name__)
 
 SETTINGS_ENV = "PIXELMILL_SETTINGS_JSON"
-PARENT_ENV = "PIXELMILL_PARENT_PID"
-GATE_ENV = "PIXELMILL_START_GATE_FD"
+CONTROL_ENV = "PIXELMILL_CONTROL_FD"
+GATED_ENV = "PIXELMILL_START_GATED"
+_OPEN = b"o"  # a gated child may start work
+_WAKE = b"w"  # look for tasks now
 _PR_SET_PDEATHSIG = 1
 _RESTART_DELAY = 1.0
 
@@ -46,37 +51,51 @@ def child_settings() -> Settings | None:
     return Settings.model_validate_json(blob) if blob else None
 
 
+def _control_pipe() -> int | None:
+    descriptor = os.environ.get(CONTROL_ENV)
+    return int(descriptor) if descriptor else None
+
+
 def wait_at_gate() -> bool:
     """In a child started gated: block until the parent opens the gate (True) or closes
-    it unused (False). True at once for a child that was started without a gate."""
-    descriptor = os.environ.pop(GATE_ENV, None)
-    if descriptor is None:
+    the pipe unused (False). True at once for a child that was started without a gate."""
+    control = _control_pipe()
+    if not os.environ.pop(GATED_ENV, None) or control is None:
         return True
-    with os.fdopen(int(descriptor), "rb") as gate:
-        return gate.read(1) == b"1"
+    while True:
+        word = os.read(control, 1)
+        if word == _OPEN:
+            return True
+        if not word:
+            return False
 
 
-def follow_parent(on_parent_gone: Callable[[], None]) -> asyncio.Task[None] | None:
-    """In a child: have ``on_parent_gone`` called when the parent process is gone.
-
-    Returns the watching task (None when this process was not started by a parent).
-    """
-    expected = os.environ.get(PARENT_ENV)
-    if not expected:
-        return None
-    parent = int(expected)
+def follow_parent(on_wake: Callable[[], None], on_parent_gone: Callable[[], None]) -> bool:
+    """In a child: call ``on_wake`` when the parent says there is work, and
+    ``on_parent_gone`` when the parent stops this child or is gone. False when this
+    process was not started by a parent."""
+    control = _control_pipe()
+    if control is None:
+        return False
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    loop = asyncio.get_running_loop()
+    os.set_blocking(control, False)
 
-    async def watch() -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            if os.getppid() != parent:
-                break
-        log.warning("the parent process %d is gone; stopping", parent)
+    def readable() -> None:
+        try:
+            words = os.read(control, 4096)
+        except BlockingIOError:
+            return
+        if words:
+            on_wake()
+            return
+        loop.remove_reader(control)
+        log.info("the parent process closed its control pipe; stopping")
         on_parent_gone()
 
-    return asyncio.create_task(watch(), name="pixelmill-parent-watch")
+    loop.add_reader(control, readable)
+    return True
 
 
 class WorkerProcesses:
@@ -87,7 +106,7 @@ class WorkerProcesses:
         self.count = count
         self.gated = gated
         self._children: dict[int, asyncio.subprocess.Process] = {}
-        self._gates: list[int] = []  # write ends of the gates of children still waiting
+        self._controls: dict[int, int] = {}  # the write end of each child's control pipe
         self._keepers: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -106,37 +125,45 @@ class WorkerProcesses:
         log.info("started %d worker processes: %s", self.count, self.pids)
 
     async def _spawn(self, slot: int, gated: bool = False) -> None:
+        control_read, control_write = os.pipe()
         environment = {
             **os.environ,
             SETTINGS_ENV: self.settings.model_dump_json(),
-            PARENT_ENV: str(os.getpid()),
+            CONTROL_ENV: str(control_read),
+            **({GATED_ENV: "1"} if gated else {}),
         }
-        kept: tuple[int, ...] = ()
-        if gated:
-            gate_read, gate_write = os.pipe()
-            environment[GATE_ENV] = str(gate_read)
-            kept = (gate_read,)
         try:
             self._children[slot] = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "pixelmill", "worker", env=environment, pass_fds=kept
-            )
+                sys.executable, "-m", "pixelmill", "worker",
+                env=environment, pass_fds=(control_read,),
+            )  # fmt: skip
+        except BaseException:
+            os.close(control_write)
+            raise
         finally:
-            if gated:
-                os.close(gate_read)
-        if gated:
-            self._gates.append(gate_write)
+            os.close(control_read)
+        os.set_blocking(control_write, False)
+        self._close_control(slot)
+        self._controls[slot] = control_write
 
     def open_gate(self) -> None:
         """Let gated children start work (a no-op for children started without a gate)."""
-        self._close_gates(b"1")
+        self._tell(_OPEN)
 
-    def _close_gates(self, word: bytes) -> None:
-        for gate in self._gates:
-            with contextlib.suppress(OSError):  # the child is gone already
-                if word:
-                    os.write(gate, word)
-            os.close(gate)
-        self._gates.clear()
+    def wake(self) -> None:
+        """Have every child look for tasks now rather than at its next poll."""
+        self._tell(_WAKE)
+
+    def _tell(self, word: bytes) -> None:
+        for control in self._controls.values():
+            # A full pipe holds an unread wake already; a broken one, a child gone.
+            with contextlib.suppress(OSError):
+                os.write(control, word)
+
+    def _close_control(self, slot: int) -> None:
+        control = self._controls.pop(slot, None)
+        if control is not None:
+            os.close(control)
 
     async def _keep(self, slot: int) -> None:
         while True:
@@ -152,7 +179,8 @@ class WorkerProcesses:
     async def stop(self, timeout: float) -> None:
         """SIGTERM every child (each finishes or hands back its tasks), SIGKILL stragglers."""
         self._stopping = True
-        self._close_gates(b"")  # children still at the gate exit
+        for slot in list(self._controls):
+            self._close_control(slot)  # a child still at its gate leaves
         running = [child for child in self._children.values() if child.returncode is None]
         for child in running:
             with contextlib.suppress(ProcessLookupError):

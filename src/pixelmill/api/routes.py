@@ -83,7 +83,7 @@ async def _upload(request: Request, runtime: Runtime, owner: str | None) -> Acce
             task_max_images=settings.task_max_images,
             batch_rows=settings.ingest_batch_rows,
         )
-    runtime.queue.wake()
+    runtime.wake_workers()
     return Accepted(
         request_id=accepted.request_id,
         status="pending",
