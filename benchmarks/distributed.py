@@ -10,7 +10,7 @@ Two contenders, alternated (A B, A B, ...) for ``--rounds`` rounds in one run, o
    ``pixelmill worker`` processes, each its own process, talking over HTTP and Kafka.
 
 For both, the time runs from the HTTP upload of the CSV to the status ``completed``
-(seen by a GET every 20 ms); start-up comes before and is not counted, and the
+(seen by a GET every 100 ms); start-up comes before and is not counted, and the
 distributed workers have joined their consumer group first, as they would have in
 production. CPU is the sum over the contender's processes over that window; for
 ``distributed`` that includes the broker and the PostgreSQL backends serving its
