@@ -179,7 +179,8 @@ class Fetcher:
     async def fetch(self, url: str) -> FetchOutcome:
         """The body at ``url``, following checked redirects, or why it cannot be had."""
         try:
-            return await asyncio.wait_for(self._follow(url), self.limits.total_timeout)
+            async with asyncio.timeout(self.limits.total_timeout):
+                return await self._follow(url)
         except TimeoutError:
             return ImageFailure(
                 ErrorCode.TIMEOUT,
@@ -236,6 +237,9 @@ class Fetcher:
         declared = response.content_length
         if declared is not None and declared > limit:
             return _too_large(url, limit, f"its Content-Length is {declared} bytes")
+        if declared is not None:
+            # The parser stops at the declared length, so the limit holds: read it whole.
+            return FetchedBody(await response.read(), url)
         chunks: list[bytes] = []
         size = 0
         async for chunk in response.content.iter_chunked(_CHUNK):
