@@ -84,7 +84,7 @@ async def _process(
     from pixelmill.db.ingest import stage_request
     from pixelmill.runtime import Runtime
 
-    runtime = await Runtime.open(local, migrate=True)
+    runtime = await Runtime.open(local, throwaway=True)
     try:
         try:
             accepted = await stage_request(

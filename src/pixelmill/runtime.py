@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 
 from pixelmill.config import Settings
+from pixelmill.db import tables
 from pixelmill.db.engine import Database
 from pixelmill.imaging import open_imaging
 from pixelmill.imaging.base import Imaging
@@ -36,14 +37,28 @@ class Runtime:
 
     @classmethod
     async def open(
-        cls, settings: Settings, *, migrate: bool = False, storage: Storage | None = None
+        cls,
+        settings: Settings,
+        *,
+        migrate: bool = False,
+        throwaway: bool = False,
+        storage: Storage | None = None,
     ) -> Runtime:
-        """Build the parts named by the settings; unknown URL schemes fail here, at start."""
+        """Build the parts named by the settings; unknown URL schemes fail here, at start.
+
+        ``migrate`` brings the database up to date with the migrations; ``throwaway``
+        creates the schema of a new database that lives for one run, straight from the
+        tables module (the same schema, as tests/db/test_migrations.py proves, without
+        the start-up cost of Alembic).
+        """
         if migrate:
             from pixelmill.db.migrate import upgrade_async  # Alembic: only where it runs
 
             await upgrade_async(settings.database_url)
         db = Database(settings.database_url, pool_size=settings.database_pool_size)
+        if throwaway:
+            async with db.write() as conn:
+                await conn.run_sync(tables.metadata.create_all)
         storage = storage or open_storage(settings.storage_url, settings.storage_base_url)
         queue = open_queue(settings, db, owner=worker_name())
         await queue.start()

@@ -20,9 +20,11 @@ from sqlalchemy import Connection, insert, inspect, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from pixelmill.config import Settings
 from pixelmill.db import tables as t
 from pixelmill.db.engine import SQLITE_BUSY_TIMEOUT_MS, Database, async_url
 from pixelmill.db.migrate import alembic_config, upgrade, upgrade_async
+from pixelmill.runtime import Runtime
 from tests.support.databases import execute_elsewhere, run_async
 
 T = TypeVar("T")
@@ -147,6 +149,29 @@ def test_migrated_schema_matches_the_tables_module(database_url: str) -> None:
         return list(compare_metadata(context, t.metadata))
 
     assert _look(database_url, differences) == []
+
+
+async def test_a_throwaway_database_gets_the_migrated_schema(tmp_path: Path) -> None:
+    # ``process`` builds its one-run database from the tables module, without Alembic.
+    migrated, throwaway = (f"sqlite:///{tmp_path / name}.db" for name in ("m", "t"))
+    await upgrade_async(migrated)
+    runtime = await Runtime.open(Settings(database_url=throwaway), throwaway=True)
+    await runtime.close()
+
+    def indexes(url: str) -> list[tuple[str, str]]:
+        with closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as conn:
+            rows = conn.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'index'"
+                " AND tbl_name != 'alembic_version'"
+            )
+            # The condition of a partial index, which the inspector does not report.
+            return sorted((name, (sql or "").partition(" WHERE ")[2]) for name, sql in rows)
+
+    expected = _schema(migrated)
+    del expected["alembic_version"]
+    assert _schema(throwaway) == expected
+    assert indexes(throwaway) == indexes(migrated)
+    assert "state IN ('queued', 'leased')" in dict(indexes(migrated))["ix_tasks_open"]
 
 
 def test_migrated_indexes_and_unique_constraints(database_url: str) -> None:
