@@ -181,6 +181,7 @@ def test_migrated_indexes_and_unique_constraints(database_url: str) -> None:
     assert indexes == [
         ("ix_tasks_claim", ["state", "priority", "id"]),
         ("ix_tasks_open", ["priority", "id"]),
+        ("ix_tasks_placement", ["published_topic", "published_partition", "published_offset"]),
         ("ix_tasks_unpublished", ["published_at"]),
     ]
     assert schema["requests"][3] == [("ix_requests_owner_created", ["owner", "created_at"])]
@@ -190,6 +191,31 @@ def test_migrated_indexes_and_unique_constraints(database_url: str) -> None:
         ("ix_webhook_deliveries_due", ["state", "next_attempt_at"])
     ]
     assert schema["webhook_deliveries"][2] == [("uq_webhook_deliveries_request", ["request_id"])]
+
+
+def test_tasks_published_before_the_placement_columns_keep_their_rows(database_url: str) -> None:
+    """0004 adds where each task was published; tasks published before it have none."""
+    upgrade(database_url, "0003")
+    execute_elsewhere(
+        database_url,
+        "INSERT INTO tasks (request_id, kind, seq, first_row, last_row, image_count, state,"
+        " priority, attempts, available_at, published_at, created_at) VALUES"
+        " ('r1', 'process', 0, 0, 9, 10, 'queued', 1, 0, 0, 12.5, '2026-12-09 10:00:00+00')",
+    )
+    upgrade(database_url)
+    rows = _look(
+        database_url,
+        lambda conn: conn.execute(
+            select(
+                t.tasks.c.request_id,
+                t.tasks.c.published_at,
+                t.tasks.c.published_topic,
+                t.tasks.c.published_partition,
+                t.tasks.c.published_offset,
+            )
+        ).all(),
+    )
+    assert [tuple(row) for row in rows] == [("r1", 12.5, None, None, None)]
 
 
 def test_downgrade_to_base_and_upgrade_again(database_url: str) -> None:

@@ -118,6 +118,11 @@ tasks = Table(
     Column("published_at", Float, nullable=True),
     Column("last_error", Text, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # Where the outbox published it (Kafka: topic, partition, offset), so that a record
+    # the broker lost can be told from one still waiting in its log (queue/audit.py).
+    Column("published_topic", String(255), nullable=True),
+    Column("published_partition", Integer, nullable=True),
+    Column("published_offset", BigInteger, nullable=True),
     UniqueConstraint("request_id", "kind", "seq", name="uq_tasks_request_kind_seq"),
 )
 Index("ix_tasks_claim", tasks.c.state, tasks.c.priority, tasks.c.id)
@@ -132,6 +137,15 @@ Index(
     sqlite_where=OPEN_TASK,
 )
 Index("ix_tasks_unpublished", tasks.c.published_at)
+# What the outbox audit looks up: open tasks by their place in the broker's log.
+Index(
+    "ix_tasks_placement",
+    tasks.c.published_topic,
+    tasks.c.published_partition,
+    tasks.c.published_offset,
+    postgresql_where=OPEN_TASK,
+    sqlite_where=OPEN_TASK,
+)
 
 webhook_deliveries = Table(
     "webhook_deliveries",
