@@ -262,22 +262,51 @@ class KafkaQueue:
         assert self._consumer is not None
         consumer = self._consumer
         while True:
-            self._release_due()
-            full = self._buffer.qsize() >= self._buffer_size
-            assigned = consumer.assignment()
-            if full:
-                consumer.pause(*assigned)
-            else:
-                consumer.resume(*assigned)
             try:
-                batches = await consumer.getmany(timeout_ms=200)
+                await self._pump_once(consumer)
             except KafkaError as exc:
                 log.warning("kafka poll failed: %s", exc)
                 await asyncio.sleep(1.0)
-                continue
-            for partition, records in batches.items():
-                for record in records:
-                    self._accept(partition, record.offset, record.value)
+            except Exception:  # the pump must outlive anything: without it nothing arrives
+                log.exception("the kafka pump failed; going on")
+                await asyncio.sleep(1.0)
+
+    async def _pump_once(self, consumer: AIOKafkaConsumer) -> None:
+        self._release_due()
+        full = self._buffer.qsize() >= self._buffer_size
+        assigned = consumer.assignment()
+        if full:
+            consumer.pause(*assigned)
+        else:
+            consumer.resume(*assigned)
+        batches = await consumer.getmany(timeout_ms=200)
+        for partition, records in batches.items():
+            for record in records:
+                self._accept(partition, record.offset, record.value)
+        await self._reread_cut_logs(consumer)
+
+    async def _reread_cut_logs(self, consumer: AIOKafkaConsumer) -> None:
+        """Read again from its start a partition whose log now ends before our position.
+
+        Its log was lost or cut (a broker that lost its data), and our position came
+        from before, or from an offset committed into the new log by a member that had
+        not noticed yet. Kafka answers a fetch past the end with an out-of-range error,
+        and the consumer starts again from the beginning by itself; some Kafka-protocol
+        brokers answer with nothing, and the partition would stall. The records read
+        again whose tasks are done are skipped.
+        """
+        for partition in consumer.assignment():
+            try:
+                end = consumer.highwater(partition)
+                if end is None or await consumer.position(partition) <= end:
+                    continue
+            except (IllegalStateError, AssertionError):
+                continue  # revoked meanwhile
+            log.warning(
+                "the log of %s ends before our position; reading it from its start", partition
+            )
+            self._forget({partition})
+            await consumer.seek_to_beginning(partition)
 
     def _accept(self, partition: TopicPartition, offset: int, value: bytes | None) -> None:
         try:
@@ -392,16 +421,21 @@ class KafkaQueue:
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Commit what is done on the partitions we lose, then forget them."""
         await self._commit(revoked)
-        for partition in revoked:
+        self._forget(revoked)
+
+    def _forget(self, partitions: set[TopicPartition]) -> None:
+        """Drop what we hold of these partitions: offsets, and tasks not handed out yet.
+        The receipts of the tasks in hand become void (their acks commit nothing)."""
+        for partition in partitions:
             self._generations[partition] = self._generations.get(partition, 0) + 1
             self._offsets.pop(partition, None)
         for message in _drain(self._buffer):
-            if _receipt_partition(message) not in revoked:
+            if _receipt_partition(message) not in partitions:
                 self._buffer.put_nowait(message)
         self._delayed = [
             (due, offset, message)
             for due, offset, message in self._delayed
-            if _receipt_partition(message) not in revoked
+            if _receipt_partition(message) not in partitions
         ]
         heapq.heapify(self._delayed)
 
