@@ -12,19 +12,33 @@ import os
 import sqlite3
 import threading
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager, closing, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy.engine import make_url
 
+from pixelmill.db.engine import Database
+from pixelmill.db.migrate import upgrade_async
+
 T = TypeVar("T")
 
 ADMIN_URL_ENV = "PIXELMILL_TEST_POSTGRES_URL"
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 BACKENDS = ("sqlite", "postgres")
+
+
+@asynccontextmanager
+async def migrated(url: str) -> AsyncIterator[Database]:
+    """The database at ``url``, brought to the latest schema and open."""
+    await upgrade_async(url)
+    database = Database(url)
+    try:
+        yield database
+    finally:
+        await database.close()
 
 
 def run_async(make: Callable[[], Coroutine[Any, Any, T]]) -> T:

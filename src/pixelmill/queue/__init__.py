@@ -31,6 +31,8 @@ def open_queue(settings: Settings, db: Database, *, owner: str) -> Queue:
         return KafkaQueue(
             KafkaConfig.from_url(settings.queue_url),
             db,
+            owner=owner,
+            lease_seconds=settings.lease_seconds,
             buffer=settings.worker_tasks_in_flight,
             max_attempts=settings.task_attempts * 4,
         )

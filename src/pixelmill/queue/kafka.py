@@ -13,6 +13,11 @@
   a task is never committed before its results are stored.
 - A task that fails as a whole goes to ``<topic>.retry`` with a due time, and after
   the last attempt to ``<topic>.dead``; its row in the ``tasks`` table says so too.
+- The relay records where each task landed (topic, partition, offset). A record is
+  run only while it is its task's current publication, and its task is then leased
+  in the ``tasks`` table, the lease renewed while it runs (queue/task_leases.py), so
+  that a task in live hands can be told from one whose holder is gone. A partition
+  whose log was cut is read again from its start.
 """
 
 from __future__ import annotations
@@ -24,20 +29,18 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import IllegalStateError, KafkaError, TopicAlreadyExistsError
-from aiokafka.structs import OffsetAndMetadata, TopicPartition
-from sqlalchemy import update
+from aiokafka.structs import OffsetAndMetadata, RecordMetadata, TopicPartition
 
-from pixelmill.db import tables as t
 from pixelmill.db.engine import Database
 from pixelmill.domain import TaskKind
 from pixelmill.queue.base import TaskMessage
-from pixelmill.queue.outbox import OutboxRelay, TaskRecord
+from pixelmill.queue.outbox import OutboxRelay, Placement, TaskRecord
+from pixelmill.queue.task_leases import TaskLeases
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,10 @@ class _Receipt:
     offset: int
     generation: int
 
+    @property
+    def place(self) -> Placement:
+        return Placement(self.partition.topic, self.partition.partition, self.offset)
+
 
 @dataclass
 class _PartitionOffsets:
@@ -126,12 +133,15 @@ class KafkaQueue:
         config: KafkaConfig,
         db: Database,
         *,
+        owner: str = "",
+        lease_seconds: float = 60.0,
         buffer: int = 8,
         max_attempts: int = 5,
         publish_interval: float = 1.0,
     ) -> None:
         self.config = config
         self.db = db
+        self.leases = TaskLeases(db, owner, lease_seconds)
         self.max_attempts = max_attempts
         self._buffer: asyncio.Queue[TaskMessage] = asyncio.Queue()
         self._buffer_size = buffer
@@ -215,7 +225,7 @@ class KafkaQueue:
 
     # -- publishing -----------------------------------------------------------------
 
-    async def _publish(self, tasks: list[TaskRecord]) -> None:
+    async def _publish(self, tasks: list[TaskRecord]) -> list[Placement]:
         assert self._producer is not None
         sends = [
             await self._producer.send(
@@ -226,7 +236,7 @@ class KafkaQueue:
             )
             for task in tasks
         ]
-        await asyncio.gather(*sends)
+        return [_placement(sent) for sent in await asyncio.gather(*sends)]
 
     def wake(self) -> None:
         """New tasks are in the outbox: publish them now."""
@@ -236,27 +246,22 @@ class KafkaQueue:
 
     async def receive(self, timeout: float) -> TaskMessage | None:
         await self._start_consumer()
-        try:
-            message = await asyncio.wait_for(self._buffer.get(), timeout)
-        except TimeoutError:
-            return None
-        attempt = await self._count_delivery(message.task_id)
-        return TaskMessage(
-            message.task_id, message.request_id, message.kind, attempt, message.receipt
-        )
-
-    async def _count_delivery(self, task_id: int) -> int:
-        """Deliveries are counted in the database: Kafka redelivers without telling."""
-        async with self.db.write() as conn:
-            row = (
-                await conn.execute(
-                    update(t.tasks)
-                    .where(t.tasks.c.id == task_id)
-                    .values(attempts=t.tasks.c.attempts + 1, state="leased")
-                    .returning(t.tasks.c.attempts)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                message = await asyncio.wait_for(
+                    self._buffer.get(), max(0.0, deadline - time.monotonic())
                 )
-            ).first()
-        return int(row.attempts) if row else 1
+            except TimeoutError:
+                return None
+            receipt = message.receipt
+            assert isinstance(receipt, _Receipt)
+            attempt = await self.leases.take(message.task_id, receipt.place)
+            if attempt is not None:
+                return TaskMessage(
+                    message.task_id, message.request_id, message.kind, attempt, message.receipt
+                )
+            await self._done(message)  # a stale copy: nothing to do, but its offset is done
 
     async def _pump_forever(self) -> None:
         assert self._consumer is not None
@@ -348,11 +353,15 @@ class KafkaQueue:
         return set(self._consumer.assignment()) if self._consumer else set()
 
     async def renew(self, message: TaskMessage) -> bool:
-        """No lease to renew: the task is ours while its partition is assigned to us."""
-        return self._receipt(message) is not None
+        """The task is ours while its partition is assigned to us (its next owner
+        delivers it again) and no one took a later delivery of it; while it is, its
+        lease in the database is kept alive, so the outbox audit leaves it be."""
+        if self._receipt(message) is None:
+            return False
+        return await self.leases.renew(message.task_id)
 
     async def ack(self, message: TaskMessage) -> None:
-        await self._mark(message.task_id, "done")
+        await self.leases.settle(message.task_id, "done")
         await self._done(message)
 
     async def retry(self, message: TaskMessage, delay: float, error: str) -> None:
@@ -360,30 +369,24 @@ class KafkaQueue:
         topic = self.config.dead_topic if dead else self.config.retry_topic
         record = TaskRecord(message.task_id, message.request_id, message.kind.value, 0)
         assert self._producer is not None
-        await self._producer.send_and_wait(
+        sent = await self._producer.send_and_wait(
             topic,
             encode_task(record, message.attempt, time.time() + delay),
             key=f"{message.request_id}:{message.task_id}".encode(),
         )
-        await self._mark(message.task_id, "dead" if dead else "queued", error)
+        await self.leases.settle(
+            message.task_id,
+            "dead" if dead else "queued",
+            last_error=error[:2000],
+            published_at=time.time(),
+            **_placement(sent).columns(),
+        )
         await self._done(message)
 
     async def release(self, message: TaskMessage) -> None:
         """Leave it uncommitted: whoever owns the partition next receives it again; the
         row says ``queued`` until then."""
-        await self._mark(message.task_id, "queued", only_from="leased")
-
-    async def _mark(
-        self, task_id: int, state: str, error: str | None = None, only_from: str | None = None
-    ) -> None:
-        values: dict[str, Any] = {"state": state}
-        if error is not None:
-            values["last_error"] = error[:2000]
-        row = t.tasks.c.id == task_id
-        if only_from is not None:
-            row = row & (t.tasks.c.state == only_from)
-        async with self.db.write() as conn:
-            await conn.execute(update(t.tasks).where(row).values(**values))
+        await self.leases.release(message.task_id)
 
     async def _done(self, message: TaskMessage) -> None:
         receipt = self._receipt(message)
@@ -438,6 +441,10 @@ class KafkaQueue:
             if _receipt_partition(message) not in partitions
         ]
         heapq.heapify(self._delayed)
+
+
+def _placement(sent: RecordMetadata) -> Placement:
+    return Placement(sent.topic, sent.partition, sent.offset)
 
 
 def _drain(queue: asyncio.Queue[TaskMessage]) -> list[TaskMessage]:

@@ -2,11 +2,12 @@
 
 An upload (and the transaction that records a request's last image) inserts tasks
 with ``published_at`` unset. The relay publishes them in id order and then marks
-them; a crash between the two publishes them again, which is harmless because
-processing is idempotent. Several relays run (one per process): each publishes a batch
-while holding its rows (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, the write lock on
-SQLite) and marks it in the same transaction, so relays side by side never publish a
-task twice, which would have two workers process it at once.
+them, with the place each landed in the broker's log; a crash between the two
+publishes them again, which is harmless because processing is idempotent. Several
+relays run (one per process): each publishes a batch while holding its rows
+(``FOR UPDATE SKIP LOCKED`` on PostgreSQL, the write lock on SQLite) and marks it in
+the same transaction, so relays side by side never publish a task twice, which would
+have two workers process it at once.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from pixelmill.db import tables as t
 from pixelmill.db.engine import Database
@@ -36,13 +38,45 @@ class TaskRecord:
     seq: int
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where the broker put a record: its topic, partition and offset."""
+
+    topic: str
+    partition: int
+    offset: int
+
+    def columns(self) -> dict[str, Any]:
+        """The ``tasks`` columns that record it."""
+        return {
+            "published_topic": self.topic,
+            "published_partition": self.partition,
+            "published_offset": self.offset,
+        }
+
+
+# ``publish`` sends the records and returns where each landed, in the same order.
+Publish = Callable[[list[TaskRecord]], Awaitable[Sequence[Placement]]]
+
+_MARK = (
+    update(t.tasks)
+    .where(t.tasks.c.id == bindparam("task_id"))
+    .values(
+        published_at=bindparam("at"),
+        published_topic=bindparam("topic"),
+        published_partition=bindparam("partition"),
+        published_offset=bindparam("offset"),
+    )
+)
+
+
 class OutboxRelay:
     """Publishes unpublished queued tasks with ``publish``, oldest first."""
 
     def __init__(
         self,
         db: Database,
-        publish: Callable[[list[TaskRecord]], Awaitable[None]],
+        publish: Publish,
         *,
         interval: float = 1.0,
         batch: int = 500,
@@ -94,13 +128,17 @@ class OutboxRelay:
             if not rows:
                 return 0  # another relay holds them
             # Bounded: the rows (on SQLite, every writer) wait for this publish.
-            await asyncio.wait_for(
+            placements = await asyncio.wait_for(
                 self.publish([TaskRecord(r.id, r.request_id, r.kind, r.seq) for r in rows]),
                 self.publish_timeout,
             )
+            now = time.time()
             await conn.execute(
-                update(t.tasks)
-                .where(t.tasks.c.id.in_([r.id for r in rows]))
-                .values(published_at=time.time())
-            )
+                _MARK,
+                [
+                    {"task_id": r.id, "at": now, "topic": p.topic, "partition": p.partition,
+                     "offset": p.offset}
+                    for r, p in zip(rows, placements, strict=True)
+                ],
+            )  # fmt: skip
         return len(rows)

@@ -1,0 +1,100 @@
+"""What an external queue's members write in the ``tasks`` table: who holds a task.
+
+Kafka says nothing of deliveries, so the row keeps them: a member that takes a
+delivered record leases the task (``leased``, its name, an expiry), counts the
+delivery, and renews the lease while it works. The outbox audit (queue/audit.py)
+tells a task in live hands from one whose holder is gone by that lease.
+
+A record is taken only while it is its task's current publication: the place the
+relay (or a retry) recorded. A record of a finished task, or an older copy of a task
+published again since (by the audit, or by a relay that crashed before it marked its
+publish), is skipped, so two copies of a task never run side by side.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import ColumnElement, update
+
+from pixelmill.db import tables as t
+from pixelmill.db.engine import Database
+from pixelmill.queue.outbox import Placement
+
+tasks = t.tasks.c
+
+
+def _published_at(place: Placement) -> ColumnElement[bool]:
+    return (
+        (tasks.published_topic == place.topic)
+        & (tasks.published_partition == place.partition)
+        & (tasks.published_offset == place.offset)
+    )
+
+
+# Published before the relay recorded places (migration 0004): any record of it counts.
+_PLACE_UNKNOWN = tasks.published_at.is_not(None) & tasks.published_topic.is_(None)
+
+
+@dataclass(frozen=True)
+class TaskLeases:
+    """The leases of one member (``owner``) of a queue."""
+
+    db: Database
+    owner: str
+    lease_seconds: float
+
+    async def take(self, task_id: int, place: Placement) -> int | None:
+        """Lease the task whose record was read at ``place`` and count the delivery;
+        returns the delivery count, or None when the record is not one to run."""
+        async with self.db.write() as conn:
+            row = (
+                await conn.execute(
+                    update(t.tasks)
+                    .where(
+                        (tasks.id == task_id)
+                        & tasks.state.in_(("queued", "leased"))
+                        & (_published_at(place) | _PLACE_UNKNOWN)
+                    )
+                    .values(
+                        attempts=tasks.attempts + 1,
+                        state="leased",
+                        lease_owner=self.owner,
+                        lease_expires_at=time.time() + self.lease_seconds,
+                    )
+                    .returning(tasks.attempts)
+                )
+            ).first()
+        return int(row.attempts) if row else None
+
+    async def renew(self, task_id: int) -> bool:
+        """Extend our lease; False when someone took a later delivery of the task."""
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                update(t.tasks)
+                .where(self._mine(task_id))
+                .values(lease_expires_at=time.time() + self.lease_seconds)
+            )
+        return result.rowcount == 1
+
+    async def settle(self, task_id: int, state: str, **values: Any) -> None:
+        """Move the task to ``state`` (done, queued, dead), whoever holds it."""
+        await self._set(t.tasks.c.id == task_id, state, values)
+
+    async def release(self, task_id: int) -> None:
+        """Give our lease back, and the attempt with it: a release is not a failure.
+        Nothing happens if someone took a later delivery of the task."""
+        await self._set(self._mine(task_id), "queued", {"attempts": tasks.attempts - 1})
+
+    def _mine(self, task_id: int) -> ColumnElement[bool]:
+        return (tasks.id == task_id) & (tasks.state == "leased") & (tasks.lease_owner == self.owner)
+
+    async def _set(self, row: ColumnElement[bool], state: str, values: dict[str, Any]) -> None:
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(t.tasks)
+                .where(row)
+                .values(state=state, lease_owner=None, lease_expires_at=None, **values)
+            )
