@@ -1,7 +1,7 @@
 """What only the Kafka queue has: its URL, and the record it runs of each task. Its
 behaviour as a queue (delivery, commits, redelivery, retries and dead letters, members
 sharing a group) is the Queue contract, in test_contract.py, run against a real
-Kafka-protocol broker."""
+Kafka-protocol broker; the outbox audit is in test_audit.py."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ def test_config_from_url() -> None:
         "a:9092,b:9092", "t1", 3, "g",
     )  # fmt: skip
     assert (config.retry_topic, config.dead_topic) == ("t1.retry", "t1.dead")
+    assert config.audit_interval_ms == 5000
+    assert KafkaConfig.from_url("kafka://a:9092?audit_interval_ms=250").audit_interval_ms == 250
     with pytest.raises(ValueError, match="unknown parameter"):
         KafkaConfig.from_url("kafka://a:9092?topics=x")
     with pytest.raises(ValueError, match="expected kafka://"):

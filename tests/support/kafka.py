@@ -2,6 +2,8 @@
 
 It keeps messages in memory and speaks the Kafka protocol that aiokafka uses, like
 Apache Kafka does (it lacks only the idempotent producer, which pixelmill does not use).
+Because its log is in memory, a restart is a broker that lost all its data: topics,
+records and the consumer groups' committed offsets.
 """
 
 from __future__ import annotations
@@ -61,6 +63,12 @@ class TansuBroker:
             return sock.connect_ex(("127.0.0.1", self.port)) == 0
 
     def stop(self) -> None:
+        """kill -9 the broker (its log goes with it)."""
         if self.process and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+
+    def restart(self) -> TansuBroker:
+        """kill -9, then a new broker on the same port, with an empty log."""
+        self.stop()
+        return self.start()

@@ -15,15 +15,15 @@
   the last attempt to ``<topic>.dead``; its row in the ``tasks`` table says so too.
 - The relay records where each task landed (topic, partition, offset). A record is
   run only while it is its task's current publication, and its task is then leased
-  in the ``tasks`` table, the lease renewed while it runs (queue/task_leases.py), so
-  that a task in live hands can be told from one whose holder is gone. A partition
-  whose log was cut is read again from its start.
+  in the ``tasks`` table, the lease renewed while it runs (queue/task_leases.py). The
+  outbox audit (queue/audit.py) publishes again the tasks whose records the brokers
+  lost, and a partition whose log was cut is read again from its start, so a broker
+  that loses its data loses no task.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import json
 import logging
@@ -32,13 +32,14 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import IllegalStateError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata, RecordMetadata, TopicPartition
 
 from pixelmill.db.engine import Database
 from pixelmill.domain import TaskKind
+from pixelmill.queue.audit import OutboxAudit
 from pixelmill.queue.base import TaskMessage
+from pixelmill.queue.kafka_log import KafkaLog
 from pixelmill.queue.outbox import OutboxRelay, Placement, TaskRecord
 from pixelmill.queue.task_leases import TaskLeases
 
@@ -55,6 +56,8 @@ class KafkaConfig:
     group: str = "pixelmill-workers"
     # How fast the group notices a dead worker and gives its partitions to others.
     session_timeout_ms: int = 10_000
+    # How often each process looks for published tasks that the brokers lost.
+    audit_interval_ms: int = 5_000
 
     @classmethod
     def from_url(cls, url: str) -> KafkaConfig:
@@ -65,7 +68,8 @@ class KafkaConfig:
                 "?topic=...&partitions=..."
             )
         query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-        unknown = set(query) - {"topic", "partitions", "group", "session_timeout_ms"}
+        known = {"topic", "partitions", "group", "session_timeout_ms", "audit_interval_ms"}
+        unknown = set(query) - known
         if unknown:
             raise ValueError(f"PIXELMILL_QUEUE_URL: unknown parameter(s) {sorted(unknown)}")
         return cls(
@@ -74,6 +78,7 @@ class KafkaConfig:
             partitions=int(query.get("partitions", cls.partitions)),
             group=query.get("group", cls.group),
             session_timeout_ms=int(query.get("session_timeout_ms", cls.session_timeout_ms)),
+            audit_interval_ms=int(query.get("audit_interval_ms", cls.audit_interval_ms)),
         )
 
     @property
@@ -154,39 +159,33 @@ class KafkaQueue:
         self._pump: asyncio.Task[None] | None = None
         self._started = asyncio.Lock()
         self.relay = OutboxRelay(db, self._publish, interval=publish_interval)
+        self.log = KafkaLog(config)
+        self.audit = OutboxAudit(
+            db,
+            self.log,
+            on_requeued=self.relay.wake,
+            interval=config.audit_interval_ms / 1000,
+        )
         self._relay_task: asyncio.Task[None] | None = None
+        self._audit_task: asyncio.Task[None] | None = None
 
     # -- life cycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Create the topics if missing, start the producer and the outbox relay."""
+        """Create the topics if missing, start the producer, the outbox relay and its
+        audit."""
         async with self._started:
             if self._producer is not None:
                 return
-            await self._ensure_topics()
+            await self.log.start()
             producer = AIOKafkaProducer(
                 bootstrap_servers=self.config.bootstrap, enable_idempotence=False, acks="all"
             )
             await producer.start()
             self._producer = producer
             self._relay_task = asyncio.create_task(self.relay.run(), name="pixelmill-outbox")
+            self._audit_task = asyncio.create_task(self.audit.run(), name="pixelmill-audit")
             log.info("kafka queue on %s, topic %s", self.config.bootstrap, self.config.topic)
-
-    async def _ensure_topics(self) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.config.bootstrap)
-        await admin.start()
-        try:
-            existing = set(await admin.list_topics())
-            wanted = [
-                NewTopic(name, num_partitions=self.config.partitions, replication_factor=1)
-                for name in (self.config.topic, self.config.retry_topic, self.config.dead_topic)
-                if name not in existing
-            ]
-            if wanted:
-                with contextlib.suppress(TopicAlreadyExistsError):
-                    await admin.create_topics(wanted)
-        finally:
-            await admin.close()
 
     async def _start_consumer(self) -> None:
         if self._consumer is not None:
@@ -213,7 +212,8 @@ class KafkaQueue:
 
     async def close(self) -> None:
         self.relay.stop()
-        for task in (self._pump, self._relay_task):
+        self.audit.stop()
+        for task in (self._pump, self._relay_task, self._audit_task):
             if task:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -222,6 +222,7 @@ class KafkaQueue:
             await self._consumer.stop()
         if self._producer is not None:
             await self._producer.stop()
+        await self.log.close()
 
     # -- publishing -----------------------------------------------------------------
 
