@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
+import uuid
 from collections import Counter
 from typing import Any
 
 from tests.support.image_host import ImageHost
+from tests.support.images import PHOTOS
 from tests.support.server import ApiClient
 from tests.support.writes import WriteCounter
 
@@ -20,6 +22,15 @@ def csv_body(rows: list[list[str]]) -> bytes:
     for number, urls in enumerate(rows, start=1):
         writer.writerow([number, f"Product {number}", ", ".join(urls)])
     return out.getvalue().encode()
+
+
+def slow_photo_rows(host: ImageHost, images: int, label: str) -> list[list[str]]:
+    """Rows of two photos each, every one served 20 ms late under a URL of its own."""
+    tag = f"{label}-{uuid.uuid4().hex[:8]}"
+    return [
+        [host.url(f"slow/20/{PHOTOS[(r + k) % len(PHOTOS)]}?{tag}-{r}-{k}") for k in range(2)]
+        for r in range(images // 2)
+    ]
 
 
 def upload(api: ApiClient, rows: list[list[str]]) -> str:

@@ -1,13 +1,17 @@
 """The Kafka broker goes away mid-request and comes back (distributed).
 
-The test broker keeps its log in memory, so its process is not restarted: a proxy in
-front of it cuts every client connection and refuses new ones for a while, which is
-what workers, the API and the outbox relay see of a broker restart with durable
-storage. They reconnect, and the request completes with every image done once.
+Two faults. In the first, a proxy in front of the broker cuts every client connection
+and refuses new ones for a while, which is what workers, the API and the outbox relay
+see of a broker restart with durable storage. In the second, the broker is killed
+with SIGKILL and a new one starts on the same port: the test broker keeps its log in
+memory, so the new one has lost every record, topic and committed offset, which is a
+broker that loses its data. Either way the request completes with every image done
+once.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,13 +25,13 @@ from tests.reliability.checks import (
     check_output_csv,
     check_written_once,
     progress,
+    slow_photo_rows,
     stored_keys,
     upload,
     watch_request,
 )
 from tests.support.cluster import Cluster
 from tests.support.image_host import ImageHost
-from tests.support.images import PHOTOS
 from tests.support.kafka import TansuBroker
 from tests.support.proxy import TcpProxy
 from tests.support.server import free_port
@@ -36,6 +40,20 @@ from tests.support.writes import WriteCounter
 
 OUTAGE_SECONDS = 6  # three times the workers' Kafka session timeout
 IMAGES = 600
+RESTART_IMAGES = 300
+
+
+def check_complete_and_once(
+    cluster: Cluster, writes: WriteCounter, request_id: str, rows: list[list[str]]
+) -> None:
+    """The request completes, no worker died, every image is done once and written once,
+    and the output CSV is whole."""
+    status = cluster.wait_finished(request_id, timeout=180)
+    assert status["status"] == "completed" and status["progress"]["failed"] == 0, status
+    assert all(w.process and w.process.poll() is None for w in cluster.workers), "no worker died"
+    check_each_terminal_once(cluster, request_id, sum(len(row) for row in rows))
+    outputs = check_output_csv(cluster, request_id, rows)
+    check_written_once(writes, request_id, stored_keys(outputs))
 
 
 @pytest.fixture
@@ -65,14 +83,7 @@ def test_workers_reconnect_after_a_broker_outage_and_the_request_completes(
     figures: dict[str, Any],
 ) -> None:
     _, proxy = broker_proxy
-    tag = uuid.uuid4().hex[:8]
-    rows = [
-        [
-            image_host.url(f"slow/20/{PHOTOS[(r + k) % len(PHOTOS)]}?broker={tag}-{r}-{k}")
-            for k in range(2)
-        ]
-        for r in range(IMAGES // 2)
-    ]
+    rows = slow_photo_rows(image_host, IMAGES, "broker")
     request_id = upload(cluster, rows)
     watch_request(writes, request_id)
     for _ in range(2):
@@ -86,13 +97,64 @@ def test_workers_reconnect_after_a_broker_outage_and_the_request_completes(
     time.sleep(OUTAGE_SECONDS)  # the fault itself: the broker stays away this long
     proxy.start()
 
-    status = cluster.wait_finished(request_id, timeout=180)
-    assert status["status"] == "completed" and status["progress"]["failed"] == 0, status
+    check_complete_and_once(cluster, writes, request_id, rows)
     assert down_at < IMAGES, "the broker went away mid-request"
-    assert all(w.process and w.process.poll() is None for w in cluster.workers), "no worker died"
-    check_each_terminal_once(cluster, request_id, IMAGES)
-    outputs = check_output_csv(cluster, request_id, rows)
-    check_written_once(writes, request_id, stored_keys(outputs))
     figures.update(
         images=IMAGES, outage_seconds=OUTAGE_SECONDS, completed_when_it_went_down=down_at
+    )
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[TansuBroker]:
+    """A broker of this test's own, to kill."""
+    broker = TansuBroker(tmp_path / "broker.log").start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def restart_env(stack: dict[str, str], own_broker: TansuBroker) -> dict[str, str]:
+    queue_url = own_broker.queue_url(f"lost-{uuid.uuid4().hex[:8]}")
+    stack["PIXELMILL_QUEUE_URL"] = f"{queue_url}&audit_interval_ms=2000"
+    return stack
+
+
+def requeued_by_the_audit(logs: str) -> int:
+    """How many tasks the outbox audits of all processes published again."""
+    return sum(int(found) for found in re.findall(r"(\d+) published tasks are lost", logs))
+
+
+@pytest.mark.parametrize("stack", ["distributed"], indirect=True)
+def test_a_broker_restart_that_loses_its_log_loses_no_task(
+    restart_env: dict[str, str],
+    own_broker: TansuBroker,
+    cluster: Cluster,
+    writes: WriteCounter,
+    image_host: ImageHost,
+    figures: dict[str, Any],
+) -> None:
+    rows = slow_photo_rows(image_host, RESTART_IMAGES, "lost")
+    request_id = upload(cluster, rows)
+    watch_request(writes, request_id)
+    for _ in range(2):
+        cluster.add_worker()
+    wait_until(lambda: progress(cluster, request_id)["completed"] >= 50, timeout=90, what="50 done")
+
+    own_broker.restart()  # kill -9, then an empty broker on the same port
+    restarted_at = time.monotonic()
+    down_at = progress(cluster, request_id)["completed"]
+
+    cluster.wait_finished(request_id, timeout=180)
+    finished_after = time.monotonic() - restarted_at
+    check_complete_and_once(cluster, writes, request_id, rows)
+    assert down_at < RESTART_IMAGES, "the broker lost its log mid-request"
+    logs = cluster.logs()
+    requeued = requeued_by_the_audit(logs)
+    assert requeued > 0, "the lost tasks came back through the audit"
+    figures.update(
+        images=RESTART_IMAGES,
+        completed_when_killed=down_at,
+        tasks_published_again=requeued,
+        partitions_read_again=logs.count("ends before our position"),
+        seconds_from_restart_to_finished=round(finished_after, 1),
     )

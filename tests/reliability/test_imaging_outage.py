@@ -8,7 +8,6 @@ completes once the service is back.
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 import pytest
@@ -19,13 +18,13 @@ from tests.reliability.checks import (
     check_written_once,
     images,
     progress,
+    slow_photo_rows,
     stored_keys,
     upload,
     watch_request,
 )
 from tests.support.cluster import Cluster
 from tests.support.image_host import ImageHost
-from tests.support.images import PHOTOS
 from tests.support.imaging_service import ImagingProcess
 from tests.support.waiting import wait_until
 from tests.support.writes import WriteCounter
@@ -50,14 +49,7 @@ def test_images_wait_for_the_imaging_service_and_complete(
     image_host: ImageHost,
     figures: dict[str, Any],
 ) -> None:
-    tag = uuid.uuid4().hex[:8]
-    rows = [
-        [
-            image_host.url(f"slow/20/{PHOTOS[(r + k) % len(PHOTOS)]}?outage={tag}-{r}-{k}")
-            for k in range(2)
-        ]
-        for r in range(150)
-    ]
+    rows = slow_photo_rows(image_host, 300, "outage")
     request_id = upload(cluster, rows)
     watch_request(writes, request_id)
     cluster.add_worker()
