@@ -11,18 +11,19 @@ seconds the audit compares the open tasks that no one holds (``queued``, or
 each partition now (:class:`LogSnapshot`). Suspects are the tasks before the
 partition's first offset or the group's committed offset, at or past its end, or on a
 partition that is gone. A task that merely waits in a backlog is none of these, so a
-long backlog costs nothing and is never published twice.
+long backlog is never published twice.
 
-A suspect is then locked (``FOR UPDATE SKIP LOCKED``; the write lock on SQLite) and
-judged on what the broker says after the lock: it is lost if its place is gone, if the
-record at its place is not this task (the log lost it; another record may have taken
-its offset since the log grew again), or if the group committed past it though it is
-not done (the group will never read it). Reading the record, rather than trusting the
-end offset, also copes with brokers whose end offsets lag behind their log. Lost
-tasks go back in the outbox, unpublished, and the relay publishes them again.
-Because of the lock, a task published or finished meanwhile is never taken for
-lost, and the audits side by side (one in each process that runs a relay) never
-requeue a task twice.
+A suspect is lost if its place is gone, if the record at its place is not this task
+(the log lost it; another record may have taken its offset since the log grew
+again), or if the group committed past it though it is not done (the group will never
+read it). Reading the record, rather than trusting the end offset, also copes with
+brokers whose end offsets lag behind their log. Suspects are judged once without a
+lock, so that a record that is there costs no lock; those that look lost are then
+locked (``FOR UPDATE SKIP LOCKED``; the write lock on SQLite) and judged again on what
+the broker says after the lock. Lost tasks go back in the outbox, unpublished, and
+the relay publishes them again. Because of the lock, a task published or finished
+meanwhile is never taken for lost, and the audits side by side (one in each process
+that runs a relay) never requeue a task twice.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, and_, false, or_, select, update
+from sqlalchemy import ColumnElement, Row, and_, false, or_, select, update
 
 from pixelmill.db import tables as t
 from pixelmill.db.engine import Database
@@ -190,10 +191,11 @@ class OutboxAudit:
     async def audit_once(self) -> list[int]:
         """Put back in the outbox (up to ``batch``) tasks the broker cannot deliver;
         returns their ids."""
-        suspects = await self._suspects(await self._snapshot())
-        if not suspects:
-            return []
-        requeued = await self._requeue(suspects)
+        snapshot = await self._snapshot()
+        suspects = await self._suspects(snapshot)
+        # Judged first without a lock: a suspect whose record is there costs no lock.
+        likely = await self._judge(suspects, snapshot) if suspects else set()
+        requeued = await self._requeue(likely) if likely else []
         if requeued:
             log.warning(
                 "%d published tasks are lost from the broker's log; publishing again: %s",
@@ -206,11 +208,11 @@ class OutboxAudit:
     async def _snapshot(self) -> LogSnapshot:
         return await asyncio.wait_for(self.broker.snapshot(), self.timeout)
 
-    async def _suspects(self, snapshot: LogSnapshot) -> list[int]:
-        """Tasks that look lost, by an unlocked read. Only tasks published before the
+    async def _suspects(self, snapshot: LogSnapshot) -> dict[int, Place]:
+        """Tasks that look lost by their place. Only tasks published before the
         snapshot was taken: a later one may be past the end the snapshot saw."""
         query = (
-            select(t_tasks.c.id)
+            select(*_PLACED)
             .where(
                 unheld(time.time()),
                 t_tasks.c.published_at < snapshot.taken_at,
@@ -220,28 +222,28 @@ class OutboxAudit:
             .limit(self.batch)
         )
         async with self.db.read() as conn:
-            return list((await conn.execute(query)).scalars())
+            return _places(await conn.execute(query))
 
-    async def _requeue(self, suspects: list[int]) -> list[int]:
-        """Lock the suspects, judge them on what the broker says now, and unpublish the
-        lost ones. Every record of a locked task was written before the lock, and no
-        locked task can be finished (and committed past) meanwhile."""
-        mine = select(*_PLACED).where(t_tasks.c.id.in_(suspects), unheld(time.time()))
+    async def _judge(self, placed: Mapping[int, Place], snapshot: LogSnapshot) -> set[int]:
+        """The tasks whose record cannot be delivered, by the snapshot and by reading
+        the records at their places (those not gone from the log)."""
+        gone = {task for task, place in placed.items() if snapshot.gone(place)}
+        there = {task: place for task, place in placed.items() if task not in gone}
+        reading = await asyncio.wait_for(self.broker.read(there.values()), self.timeout)
+        return gone | {
+            task for task, place in there.items() if lost(task, place, snapshot, reading)
+        }
+
+    async def _requeue(self, likely: set[int]) -> list[int]:
+        """Lock the likely lost tasks, judge them again on what the broker says now, and
+        unpublish the lost ones. Every record of a locked task was written before the
+        lock, and no locked task can be finished (and committed past) meanwhile."""
+        mine = select(*_PLACED).where(t_tasks.c.id.in_(likely), unheld(time.time()))
         if not self.db.is_sqlite:
             mine = mine.with_for_update(skip_locked=True)
         async with self.db.write() as conn:
-            locked: dict[int, Place] = {
-                row.id: (row[1], row[2], row[3]) for row in await conn.execute(mine)
-            }
-            if not locked:
-                return []
-            fresh = await self._snapshot()
-            lost_tasks = {task for task, place in locked.items() if fresh.gone(place)}
-            there = {task: place for task, place in locked.items() if task not in lost_tasks}
-            reading = await asyncio.wait_for(self.broker.read(there.values()), self.timeout)
-            lost_tasks |= {
-                task for task, place in there.items() if lost(task, place, fresh, reading)
-            }
+            locked = _places(await conn.execute(mine))
+            lost_tasks = await self._judge(locked, await self._snapshot()) if locked else set()
             if not lost_tasks:
                 return []
             await conn.execute(
@@ -259,3 +261,9 @@ class OutboxAudit:
                 )
             )
             return sorted(lost_tasks)
+
+
+def _places(rows: Iterable[Row[Any]]) -> dict[int, Place]:
+    return {
+        row.id: (row.published_topic, row.published_partition, row.published_offset) for row in rows
+    }
