@@ -155,6 +155,6 @@ def test_a_broker_restart_that_loses_its_log_loses_no_task(
         images=RESTART_IMAGES,
         completed_when_killed=down_at,
         tasks_published_again=requeued,
-        partitions_read_again=logs.count("ends before our position"),
+        partitions_read_again=logs.count("before our position"),
         seconds_from_restart_to_finished=round(finished_after, 1),
     )

@@ -303,13 +303,16 @@ class KafkaQueue:
         """
         for partition in consumer.assignment():
             try:
-                end = consumer.highwater(partition)
-                if end is None or await consumer.position(partition) <= end:
+                end = consumer.highwater(partition)  # known once a fetch came back
+                if end is None or (position := await consumer.position(partition)) <= end:
                     continue
             except (IllegalStateError, AssertionError):
                 continue  # revoked meanwhile
             log.warning(
-                "the log of %s ends before our position; reading it from its start", partition
+                "the log of %s ends at %d, before our position %d; reading it from its start",
+                partition,
+                end,
+                position,
             )
             self._forget({partition})
             await consumer.seek_to_beginning(partition)
