@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import and_, or_, select, update
 
 from pixelmill.db import tables as t
 from pixelmill.db.engine import Database, retry_transient
 from pixelmill.domain import TaskKind
 from pixelmill.queue.base import TaskMessage
+from pixelmill.queue.task_leases import TaskLeases
 
 t_tasks = t.tasks
 
@@ -39,6 +40,7 @@ class DbQueue:
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
         self.max_attempts = max_attempts
+        self.leases = TaskLeases(db, owner, lease_seconds)
         self._wakeup = asyncio.Event()
 
     async def start(self) -> None:
@@ -105,52 +107,23 @@ class DbQueue:
             return None
         return TaskMessage(row.id, row.request_id, TaskKind(row.kind), row.attempts)
 
-    def _mine(self, message: TaskMessage) -> ColumnElement[bool]:
-        return and_(
-            t_tasks.c.id == message.task_id,
-            t_tasks.c.lease_owner == self.owner,
-            t_tasks.c.state == "leased",
-        )
-
-    @retry_transient
     async def renew(self, message: TaskMessage) -> bool:
-        async with self.db.write() as conn:
-            result = await conn.execute(
-                update(t_tasks)
-                .where(self._mine(message))
-                .values(lease_expires_at=time.time() + self.lease_seconds)
-            )
-        return result.rowcount == 1
+        return await self.leases.renew(message.task_id)
 
     async def ack(self, message: TaskMessage) -> None:
-        await self._set(message, state="done", lease_owner=None, lease_expires_at=None)
+        await self.leases.settle(message.task_id, "done", only_if_mine=True)
 
     async def retry(self, message: TaskMessage, delay: float, error: str) -> None:
-        state = "dead" if message.attempt >= self.max_attempts else "queued"
-        await self._set(
-            message,
-            state=state,
+        await self.leases.settle(
+            message.task_id,
+            "dead" if message.attempt >= self.max_attempts else "queued",
+            only_if_mine=True,
             available_at=time.time() + delay,
-            lease_owner=None,
-            lease_expires_at=None,
             last_error=t.bounded_text(error),
         )
 
     async def release(self, message: TaskMessage) -> None:
-        # A release is not a failed attempt: give the attempt back.
-        await self._set(
-            message,
-            state="queued",
-            available_at=time.time(),
-            lease_owner=None,
-            lease_expires_at=None,
-            attempts=t_tasks.c.attempts - 1,
-        )
-
-    @retry_transient
-    async def _set(self, message: TaskMessage, **values: object) -> None:
-        async with self.db.write() as conn:
-            await conn.execute(update(t_tasks).where(self._mine(message)).values(**values))
+        await self.leases.release(message.task_id)
 
     async def close(self) -> None:
         self.wake()

@@ -35,6 +35,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata, RecordMetadata, TopicPartition
 
+from pixelmill.db import tables as t
 from pixelmill.db.engine import Database
 from pixelmill.domain import TaskKind
 from pixelmill.queue.audit import OutboxAudit
@@ -381,7 +382,7 @@ class KafkaQueue:
         await self.leases.settle(
             message.task_id,
             "dead" if dead else "queued",
-            last_error=error[:2000],
+            last_error=t.bounded_text(error),
             published_at=time.time(),
             **_placement(sent).columns(),
         )

@@ -1,9 +1,11 @@
-"""What an external queue's members write in the ``tasks`` table: who holds a task.
+"""Who holds a task, in the ``tasks`` table: the leases of every queue's members.
 
-Kafka says nothing of deliveries, so the row keeps them: a member that takes a
-delivered record leases the task (``leased``, its name, an expiry), counts the
-delivery, and renews the lease while it works. The outbox audit (queue/audit.py)
-tells a task in live hands from one whose holder is gone by that lease.
+The queue table claims a task by leasing its row (queue/db.py). Kafka says nothing of
+deliveries, so there the row keeps them too: a member that takes a delivered record
+leases the task (``leased``, its name, an expiry) and counts the delivery. Either way
+the member renews the lease while it works and settles or releases the task here. The
+outbox audit (queue/audit.py) tells a task in live hands from one whose holder is gone
+by that lease.
 
 A record is taken only while it is its task's current publication: the place the
 relay (or a retry) recorded. A record of a finished task, or an older copy of a task
@@ -20,7 +22,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, update
 
 from pixelmill.db import tables as t
-from pixelmill.db.engine import Database
+from pixelmill.db.engine import Database, retry_transient
 from pixelmill.queue.outbox import Placement
 
 tasks = t.tasks.c
@@ -69,6 +71,7 @@ class TaskLeases:
             ).first()
         return int(row.attempts) if row else None
 
+    @retry_transient
     async def renew(self, task_id: int) -> bool:
         """Extend our lease; False when someone took a later delivery of the task."""
         async with self.db.write() as conn:
@@ -79,18 +82,25 @@ class TaskLeases:
             )
         return result.rowcount == 1
 
-    async def settle(self, task_id: int, state: str, **values: Any) -> None:
-        """Move the task to ``state`` (done, queued, dead), whoever holds it."""
-        await self._set(t.tasks.c.id == task_id, state, values)
+    async def settle(
+        self, task_id: int, state: str, *, only_if_mine: bool = False, **values: Any
+    ) -> None:
+        """Move the task to ``state`` (done, queued, dead): whoever holds it, or only
+        while the lease is still ours."""
+        row = self._mine(task_id) if only_if_mine else tasks.id == task_id
+        await self._set(row, state, values)
 
     async def release(self, task_id: int) -> None:
         """Give our lease back, and the attempt with it: a release is not a failure.
         Nothing happens if someone took a later delivery of the task."""
-        await self._set(self._mine(task_id), "queued", {"attempts": tasks.attempts - 1})
+        values = {"available_at": time.time(), "attempts": tasks.attempts - 1}
+        await self._set(self._mine(task_id), "queued", values)
 
     def _mine(self, task_id: int) -> ColumnElement[bool]:
         return (tasks.id == task_id) & (tasks.state == "leased") & (tasks.lease_owner == self.owner)
 
+    # Each move is conditional on the state it leaves, so a retried one is harmless.
+    @retry_transient
     async def _set(self, row: ColumnElement[bool], state: str, values: dict[str, Any]) -> None:
         async with self.db.write() as conn:
             await conn.execute(
