@@ -109,7 +109,6 @@ async def _process(
             helpers.open_gate()
         row = await _follow(runtime, accepted.request_id, accepted.images, console)
     finally:
-        await helpers.stop(local.shutdown_grace_seconds + 10)
         await runtime.close()
     output_csv = runtime.storage.local_path(row.output_key)
     assert output_csv is not None  # the storage is a local folder
