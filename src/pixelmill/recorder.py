@@ -51,13 +51,17 @@ class ResultRecorder:
     async def _write_forever(self) -> None:
         while True:
             await self._wakeup.wait()
-            # A short window lets results that land together share one transaction.
-            await asyncio.sleep(self.window)
+            # Every transaction waits a short window (unless a batch is full already),
+            # so results that land together share it: written back to back, each
+            # transaction would carry only what came in while the previous one ran.
+            if len(self._pending) < self.max_batch:
+                await asyncio.sleep(self.window)
             self._wakeup.clear()
-            while self._pending:
-                batch = self._pending[: self.max_batch]
-                del self._pending[: self.max_batch]
-                await self._write(batch)
+            batch = self._pending[: self.max_batch]
+            del self._pending[: self.max_batch]
+            await self._write(batch)
+            if self._pending:
+                self._wakeup.set()
 
     async def _write(self, batch: list[_Pending]) -> None:
         try:

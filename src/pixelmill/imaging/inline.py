@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+import cv2
 import pyvips
 
 from pixelmill.config import Settings
@@ -67,9 +68,10 @@ class InlineImaging:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="pixelmill-imaging")
         # Bounds the decoded images held in memory: those in the pool plus a few queued.
         self._cpu_slots = asyncio.Semaphore(threads * 2)
-        # Parallelism comes from one image per thread; libvips threads would only contend.
+        # Parallelism comes from one image per thread; codec threads would only contend.
         pyvips.cache_set_max(0)
         pyvips.concurrency_set(1)
+        cv2.setNumThreads(1)
 
     async def process(
         self, source_url: str, options: ProcessingOptions, output_stem: str

@@ -1,8 +1,14 @@
-"""Decode, transform and encode one image: a pipeline of small named steps (libvips).
+"""Decode, transform and encode one image: a pipeline of small named steps.
 
-Everything here is CPU work and runs in a thread pool (libvips releases the GIL). The
-deadline is checked between steps; failures come back as :class:`ImageFailure` values.
-See docs/imaging.md for what "50% quality" means for each format.
+libvips does every kind of image. The common case, an upright JPEG in sRGB or grey
+that stays a JPEG of the same size, takes a shorter road through OpenCV's libjpeg-turbo,
+whose decoder and encoder need a quarter less CPU than those libvips is built with
+(docs/decisions.md); its output is what libvips would write, as a smaller file
+of the same pixels.
+
+Everything here is CPU work and runs in a thread pool (both libraries release the GIL).
+The deadline is checked between steps; failures come back as :class:`ImageFailure`
+values. See docs/imaging.md for what "50% quality" means for each format.
 """
 
 from __future__ import annotations
@@ -12,11 +18,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
+import numpy as np
 import pyvips
 from PIL import Image
 
 from pixelmill.domain import ErrorCode, ImageFailure, ProcessingOptions
-from pixelmill.imaging.quality import estimate_jpeg_quality
+from pixelmill.imaging import jpeg
+from pixelmill.imaging.quality import estimate_from_tables, estimate_jpeg_quality
 from pixelmill.imaging.strip import without_metadata
 
 LOSSLESS_SOURCES = frozenset({"png", "gif", "tiff", "bmp"})
@@ -255,9 +264,14 @@ def _qualities(
     source_quality = estimate_jpeg_quality(data) if source_format == "jpeg" else None
     if source_format in LOSSLESS_SOURCES:
         source_quality = 100
-    base = source_quality or 100
-    output_quality = round(base * options.quality / 100)
-    return source_quality, min(100, max(limits.min_output_quality, output_quality))
+    return source_quality, _output_quality(source_quality, options, limits)
+
+
+def _output_quality(
+    source_quality: int | None, options: ProcessingOptions, limits: ImageLimits
+) -> int:
+    output_quality = round((source_quality or 100) * options.quality / 100)
+    return min(100, max(limits.min_output_quality, output_quality))
 
 
 def _step_encode(image: pyvips.Image, output_format: str, quality: int) -> bytes:
@@ -280,6 +294,10 @@ def process_image(
     """Run the whole pipeline on the bytes of one source image."""
     try:
         source_format = _step_sniff(data)
+        if source_format == "jpeg" and (plain := _plain_jpeg(data, options)):
+            fast = _jpeg_to_jpeg(data, plain, options, limits, deadline)
+            if fast is not None:
+                return fast
         header = _load(data, source_format, limits)
         _step_check_pixels(header, limits)
         _check_deadline(deadline)
@@ -292,26 +310,98 @@ def process_image(
         encoded = _step_encode(image, output_format, output_quality)
         _check_deadline(deadline)
         return _never_larger(
-            data, source_format, header, image, encoded, output_format,
-            source_quality, output_quality, options,
+            data, source_format, _orientation(header), _oriented_size(header),
+            (image.width, image.height), encoded, output_format,
+            source_quality, output_quality,
         )  # fmt: skip
     except _Failed as failed:
         return failed.failure
 
 
+# The frames OpenCV's decoder takes as libvips does: baseline, extended and progressive
+# Huffman-coded. Arithmetic-coded, lossless and hierarchical JPEGs go through libvips.
+_PLAIN_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
+_YCBCR = 1  # the Adobe APP14 transform of YCbCr data
+
+
+def _plain_jpeg(data: bytes, options: ProcessingOptions) -> jpeg.JpegHeader | None:
+    """The header of a JPEG that can take the short road, or None.
+
+    8-bit grey or YCbCr, upright, whole (it ends with its EOI marker: a truncated file
+    goes to libvips, which refuses it), to stay a JPEG and not to be shrunk.
+    """
+    if options.format not in ("keep", "jpeg"):
+        return None
+    header = jpeg.read_header(data)
+    if (
+        header is None
+        or header.frame not in _PLAIN_FRAMES
+        or header.precision != 8
+        or header.orientation != 1
+        or not header.ends_with_eoi
+        or header.components not in (1, 3)
+        or (header.components == 3 and header.adobe_transform not in (None, _YCBCR))
+    ):
+        return None
+    fits = (options.max_width or header.width) >= header.width and (
+        options.max_height or header.height
+    ) >= header.height
+    return header if fits else None
+
+
+def _jpeg_to_jpeg(
+    data: bytes,
+    header: jpeg.JpegHeader,
+    options: ProcessingOptions,
+    limits: ImageLimits,
+    deadline: float,
+) -> EncodedImage | None:
+    """Decode and encode with OpenCV; None to hand the image to libvips (a file
+    OpenCV cannot decode, so that libvips says what is wrong with it)."""
+    if header.width * header.height > limits.max_pixels:
+        raise _too_many_pixels(header.width, header.height, limits)
+    source_quality = estimate_from_tables(header.quant_tables)
+    output_quality = _output_quality(source_quality, options, limits)
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.shape[:2] != (header.height, header.width):
+        return None
+    _check_deadline(deadline)
+    # As libvips does by default: chroma subsampled below quality 90, not from 90 up.
+    sampling = (
+        cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444
+        if output_quality >= 90
+        else cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420
+    )
+    written, encoded = cv2.imencode(
+        ".jpg",
+        pixels,
+        [cv2.IMWRITE_JPEG_QUALITY, output_quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, sampling],
+    )
+    if not written:
+        return None
+    _check_deadline(deadline)
+    # OpenCV writes no metadata; the colour profile is kept, as libvips keeps it.
+    output = jpeg.with_segments(encoded.tobytes(), header.icc_segments)
+    size = (header.width, header.height)
+    return _never_larger(
+        data, "jpeg", 1, size, size, output, "jpeg", source_quality, output_quality
+    )
+
+
 def _never_larger(
     data: bytes,
     source_format: str,
-    header: pyvips.Image,
-    image: pyvips.Image,
+    orientation: int,
+    source_size: tuple[int, int],
+    output_size: tuple[int, int],
     encoded: bytes,
     output_format: str,
     source_quality: int | None,
     output_quality: int,
-    options: ProcessingOptions,
 ) -> EncodedImage:
     """Keep the source (metadata stripped) when re-encoding would not make it smaller.
 
+    ``source_size`` is the source's size upright, ``output_size`` the encoded image's.
     The stripped source is compared with the re-encoded image, so an output is never
     larger than the source except where stripping is impossible (below).
 
@@ -319,15 +409,14 @@ def _never_larger(
     metadata cannot be removed losslessly (GIF, TIFF, BMP, HEIF, WebP with EXIF/XMP).
     A JPEG keeps its EXIF orientation, alone, so it is still displayed upright.
     """
-    source_width, source_height = _oriented_size(header)
-    source_fits = image.width == source_width and image.height == source_height
-    kept = without_metadata(data, source_format, _orientation(header)) if source_fits else None
+    source_fits = output_size == source_size
+    kept = without_metadata(data, source_format, orientation) if source_fits else None
     if kept is not None and len(kept) <= len(encoded):
         return EncodedImage(
-            kept, source_format, source_width, source_height, len(data),
+            kept, source_format, *source_size, len(data),
             source_quality, source_quality, kept_source=True,
         )  # fmt: skip
     return EncodedImage(
-        encoded, output_format, image.width, image.height, len(data),
+        encoded, output_format, *output_size, len(data),
         source_quality, output_quality, kept_source=False,
     )  # fmt: skip

@@ -9,11 +9,11 @@ quality for others: the same figure ImageMagick's ``identify -format %Q`` report
 
 from __future__ import annotations
 
-import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cache
+from operator import sub
 
-from PIL import Image
+from pixelmill.imaging.jpeg import read_header
 
 # Annex K tables, in natural (row-major) order, as Pillow reports them.
 _LUMA = (
@@ -56,13 +56,13 @@ def _quality_for_scale(scale: float) -> int:
 
 def _distance(luma: Sequence[int], chroma: Sequence[int] | None, quality: int) -> int:
     std_luma, std_chroma = _standard_tables()[quality]
-    distance = sum(abs(a - b) for a, b in zip(luma, std_luma, strict=False))
+    distance = sum(map(abs, map(sub, luma, std_luma)))
     if chroma is not None:
-        distance += sum(abs(a - b) for a, b in zip(chroma, std_chroma, strict=False))
+        distance += sum(map(abs, map(sub, chroma, std_chroma)))
     return distance
 
 
-def estimate_from_tables(tables: dict[int, Sequence[int]]) -> int | None:
+def estimate_from_tables(tables: Mapping[int, Sequence[int]]) -> int | None:
     """The quality (1-100) whose standard tables are nearest to ``tables``."""
     if not tables:
         return None
@@ -80,10 +80,7 @@ def estimate_from_tables(tables: dict[int, Sequence[int]]) -> int | None:
 
 
 def estimate_jpeg_quality(data: bytes) -> int | None:
-    """The estimated quality of the JPEG in ``data`` (reads the header only)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            tables = getattr(image, "quantization", None)
-            return estimate_from_tables(tables) if tables else None
-    except Exception:  # an unreadable header: the decoder will report it properly
-        return None
+    """The estimated quality of the JPEG in ``data`` (reads the header only); None when
+    the header cannot be read (the decoder then reports what is wrong)."""
+    header = read_header(data)
+    return estimate_from_tables(header.quant_tables) if header else None

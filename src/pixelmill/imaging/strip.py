@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import struct
 
+from pixelmill.imaging import jpeg
+
 # JPEG markers that carry metadata: APP1 (EXIF, XMP), APP13 (IPTC), COM.
 _JPEG_DROPPED = {0xE1, 0xED, 0xFE}
-_JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM and RSTn have no length
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_DROPPED = {b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"}
 _WEBP_METADATA_FLAGS = 0x08 | 0x04  # EXIF and XMP bits of the VP8X chunk
@@ -31,31 +32,18 @@ def strip_jpeg(data: bytes, orientation: int = 1) -> bytes | None:
     An orientation other than 1 is written back in a minimal EXIF segment, so the
     image is still displayed the right way up.
     """
-    if not data.startswith(b"\xff\xd8"):
-        return None
     out = [data[:2]]
     if orientation != 1:
         out.append(orientation_segment(orientation))
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in _JPEG_STANDALONE:
-            out.append(data[pos : pos + 2])
-            pos += 2
-            continue
-        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-        end = pos + 2 + length
-        if marker == 0xDA:  # start of scan: the rest is image data
-            out.append(data[pos:])
-            return b"".join(out)
-        if marker not in _JPEG_DROPPED:
-            out.append(data[pos:end])
-        pos = end
+    try:
+        for segment in jpeg.segments(data):
+            if segment.marker == jpeg.SOS:  # the rest is image data
+                out.append(data[segment.start :])
+                return b"".join(out)
+            if segment.marker not in _JPEG_DROPPED:
+                out.append(data[segment.start : segment.end])
+    except jpeg.MalformedJpegError:
+        return None
     return None
 
 
