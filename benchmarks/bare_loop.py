@@ -2,11 +2,12 @@
 
 One process per core (default), each with a few threads; every thread keeps one
 keep-alive HTTP connection (so each process has a pool of them) and loops over its
-share of the URLs: GET, decode and encode with the chosen codec (``pyvips``, the
-library pixelmill uses, or ``pillow``), write ``OUT/<n>.jpg``. No database, no
+share of the URLs: GET, decode and encode with the chosen codec (``opencv``, which
+pixelmill uses for a JPEG that stays a JPEG, ``pyvips``, its codec for the rest, or
+``pillow``), write ``OUT/<n>.jpg``. No database, no
 status, no quality estimate, no retries: the cost floor of the work itself.
 
-Usage: ``python benchmarks/bare_loop.py URLS.csv OUT [--codec pyvips|pillow]
+Usage: ``python benchmarks/bare_loop.py URLS.csv OUT [--codec opencv|pyvips|pillow]
 [--processes N] [--threads T] [--quality Q]``; URLS.csv has a ``url`` column (or one
 URL per line). Prints ``{"images": ok, "failed": n}`` as JSON.
 """
@@ -31,6 +32,17 @@ def read_urls(path: Path) -> list[str]:
 
 
 def _encoder(codec: str, quality: int):  # type: ignore[no-untyped-def]
+    if codec == "opencv":
+        import cv2
+        import numpy as np
+
+        cv2.setNumThreads(1)  # parallelism comes from processes and threads
+
+        def opencv(data: bytes) -> bytes:
+            pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+            return bytes(cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, quality])[1])
+
+        return opencv
     if codec == "pyvips":
         import pyvips
 
@@ -105,7 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("urls", type=Path)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--codec", choices=("pyvips", "pillow"), default="pyvips")
+    parser.add_argument("--codec", choices=("opencv", "pyvips", "pillow"), default="opencv")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--threads", type=int, default=4, help="threads per process")
     parser.add_argument("--quality", type=int, default=50)

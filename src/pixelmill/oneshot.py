@@ -8,6 +8,7 @@ URLs are paths relative to OUT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -135,4 +136,7 @@ async def _follow(runtime: Runtime, request_id: str, total: int, console: Consol
             bar.update(task, completed=row.completed + row.failed)
             if row.finished_at is not None:
                 return row
-            await asyncio.sleep(0.1)
+            # This process's worker may close the request (then at once), or a helper.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await runtime.request_closed.wait()

@@ -37,6 +37,7 @@ class ResultRecorder:
         self.window = window
         self._pending: list[_Pending] = []
         self._wakeup = asyncio.Event()
+        self._flush = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
 
     async def record(self, request_id: str, result: work.ImageResult) -> None:
@@ -51,17 +52,25 @@ class ResultRecorder:
     async def _write_forever(self) -> None:
         while True:
             await self._wakeup.wait()
-            # Every transaction waits a short window (unless a batch is full already),
-            # so results that land together share it: written back to back, each
-            # transaction would carry only what came in while the previous one ran.
-            if len(self._pending) < self.max_batch:
-                await asyncio.sleep(self.window)
+            # Every transaction waits a short window (unless a batch is full already or
+            # no more results are coming), so results that land together share it:
+            # written back to back, each would carry only what came in while the
+            # previous one ran.
+            if len(self._pending) < self.max_batch and not self._flush.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.window):
+                        await self._flush.wait()
+            self._flush.clear()
             self._wakeup.clear()
             batch = self._pending[: self.max_batch]
             del self._pending[: self.max_batch]
             await self._write(batch)
             if self._pending:
                 self._wakeup.set()
+
+    def flush(self) -> None:
+        """Write what is pending without waiting out the window: no more is coming."""
+        self._flush.set()
 
     async def _write(self, batch: list[_Pending]) -> None:
         try:

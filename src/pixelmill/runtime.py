@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from dataclasses import dataclass, field
 
@@ -32,6 +33,8 @@ class Runtime:
     worker: Worker | None = None
     dispatcher: WebhookDispatcher | None = None
     worker_processes: WorkerProcesses | None = None
+    # Set whenever this process's worker closes a request.
+    request_closed: asyncio.Event = field(default_factory=asyncio.Event)
     _worker_task: asyncio.Task[None] | None = field(default=None, repr=False)
     _dispatcher_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -86,10 +89,17 @@ class Runtime:
             self.queue,
             self.imaging,
             self.storage,
-            on_closed=lambda _request_id: self.wake_webhooks(),
+            on_closed=self._on_request_closed,
         )
         self._worker_task = asyncio.create_task(self.worker.run(), name="pixelmill-worker")
+        # What was built so far lives as long as the process: the cyclic collector
+        # need not go through it again on every full collection.
+        gc.freeze()
         return self.worker
+
+    def _on_request_closed(self, _request_id: str) -> None:
+        self.request_closed.set()
+        self.wake_webhooks()
 
     async def start_workers(self, processes: int) -> None:
         """Start this process's workers: ``processes`` child processes, or (0) one worker

@@ -94,6 +94,7 @@ class Worker:
         self._capacity_changed = asyncio.Event()
         self._task_started = asyncio.Event()
         self._tasks_in_hand: set[_Unstarted] = set()
+        self._images_in_hand = 0
         # A finished request has just queued its finalize task: look for it at once.
         self.recorder = ResultRecorder(db, on_finished=lambda _request_id: queue.wake())
         self._stopping = asyncio.Event()
@@ -289,7 +290,13 @@ class Worker:
         image: ImageRecord,
         unstarted: _Unstarted | None = None,
     ) -> None:
-        result = await self._process_image(request_id, options, image, unstarted)
+        self._images_in_hand += 1
+        try:
+            result = await self._process_image(request_id, options, image, unstarted)
+        finally:
+            self._images_in_hand -= 1
+        if self._images_in_hand == 0:
+            self.recorder.flush()  # nothing else is coming to share the transaction
         await self.recorder.record(request_id, result)
 
     async def _process_image(
