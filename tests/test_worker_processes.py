@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -125,10 +126,13 @@ def test_sigterm_stops_the_worker_processes_and_exits_zero(tmp_path: Path) -> No
     assert "did not stop in time" not in server.log()
 
 
-def run_process(tmp_path: Path, image_host: ImageHost, images: int) -> subprocess.CompletedProcess:
-    """``pixelmill process`` on ``images`` images, two images per task, two processes."""
+def start_process(
+    tmp_path: Path, image_host: ImageHost, images: int, log: IO[str], route: str = "img"
+) -> subprocess.Popen[str]:
+    """``pixelmill process`` on ``images`` images, two images per task, two processes,
+    its output to ``log``."""
     lines = ["S. No.,Product Name,Input Image Urls"]
-    lines += [f"{n},P{n},{image_host.url(f'img/{PHOTOS[0]}?share={n}')}" for n in range(images)]
+    lines += [f"{n},P{n},{image_host.url(f'{route}/{PHOTOS[0]}?share={n}')}" for n in range(images)]
     source = tmp_path / "in.csv"
     source.write_text("\n".join(lines) + "\n")
     env = {
@@ -138,9 +142,9 @@ def run_process(tmp_path: Path, image_host: ImageHost, images: int) -> subproces
         "PIXELMILL_WORKER_PROCESSES": "2",
         "PIXELMILL_LOG_LEVEL": "INFO",
     }
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", "pixelmill", "process", str(source), "-o", str(tmp_path / "out")],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
 
 
@@ -149,9 +153,25 @@ def test_process_lets_its_early_worker_process_in_only_when_there_is_work_to_sha
     tmp_path: Path, image_host: ImageHost, images: int, helpers_started: int
 ) -> None:
     # The second process starts before the request is staged and waits at its gate;
-    # with one task (two images) there is nothing to share, and it leaves unused.
-    result = run_process(tmp_path, image_host, images=images)
-    assert result.returncode == 0, result.stderr
-    assert f"completed: {images} completed" in result.stderr
-    assert result.stderr.count("pixelmill: worker started") == helpers_started, result.stderr
-    assert "did not stop in time" not in result.stderr
+    # with one task (two images) there is nothing to share, and it leaves unused. The
+    # images wait at the host's gate until the helper has started, so that the first
+    # process cannot finish them all first.
+    log_path = tmp_path / "process.log"
+    image_host.gate.clear()
+    try:
+        with log_path.open("w") as log:
+            running = start_process(tmp_path, image_host, images, log, route="gate/img")
+            if helpers_started:
+                wait_until(
+                    lambda: "worker started" in log_path.read_text(),
+                    timeout=60,
+                    what="the second worker process to start",
+                )
+            image_host.gate.set()
+            assert running.wait(timeout=120) == 0, log_path.read_text()
+    finally:
+        image_host.gate.set()
+    output = log_path.read_text()
+    assert f"completed: {images} completed" in output
+    assert output.count("pixelmill: worker started") == helpers_started, output
+    assert "did not stop in time" not in output

@@ -170,7 +170,9 @@ def worker(
     ] = None,
 ) -> None:
     """A long-running worker: takes tasks from the queue until SIGTERM or SIGINT."""
-    from pixelmill.runtime import Runtime  # noqa: F401  (the slow imports, before the gate)
+    # The slow imports, before the gate: the runtime, and the codecs of inline imaging.
+    from pixelmill.imaging.inline import InlineImaging  # noqa: F401
+    from pixelmill.runtime import Runtime  # noqa: F401
     from pixelmill.supervisor import child_settings, wait_at_gate
 
     handed_down = child_settings()
