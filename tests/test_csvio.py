@@ -377,6 +377,19 @@ def test_credentials_with_user_only_are_refused() -> None:
     ]
 
 
+@pytest.mark.parametrize("port", ["0", "80", "8080", "65535"])
+def test_a_url_with_a_port_is_accepted(port: str) -> None:
+    url = f"http://a.example:{port}/1.jpg"
+    _, rows = read(lines(HEADER, f"1,Mug,{url}"))
+    assert rows[0].problems == []
+    assert csvio.url_problem(url) is None
+
+
+def test_a_port_out_of_range_is_refused() -> None:
+    _, rows = read(lines(HEADER, "1,Mug,http://a.example:65536/1.jpg"))
+    assert [p.message for p in rows[0].problems] == ["malformed URL (Port out of range 0-65535)"]
+
+
 def test_control_characters_in_a_url_are_refused() -> None:
     # No database text may hold a NUL, and no fetch should see one.
     for url in ("http://a.example/1\x7f.jpg", "http://a.example:8080/\x01.jpg"):
@@ -607,6 +620,8 @@ def test_a_cell_accepted_in_one_match_has_only_acceptable_urls() -> None:
         "https://u:p@h/x", "https://h:80/x", "https://h/x y", " ", ",", ", ", "\t", "\n",
         "\u00a0", "https://h/\u00e9", "https://", "http://h/a@b", "https://h/\x01", "x",
         "https://h.example/a%2Cb", "\u2028", "https://H-1.example/p", ",,", "https://h/x\u3000",
+        "http://h:65535/x", "http://h:65536/x", "http://h:0", "http://h:/x", "http://h:99999",
+        "http://h:8080?q", "http://h::80/x",
     ]  # fmt: skip
     rng = random.Random(3)
     accepted = 0

@@ -116,13 +116,17 @@ def _preview(value: str) -> str:
     return value if len(value) <= _VALUE_PREVIEW else value[: _VALUE_PREVIEW - 1] + "…"
 
 
-# The usual shape of a catalogue URL (no port, no '@', no spaces, no control characters),
-# accepted without parsing.
-_PLAIN_URL = re.compile(r"https?://[A-Za-z0-9.-]+(?:[/?#][^\s@\x00-\x1f\x7f]*)?")
+# The usual shape of a catalogue URL (a host name or address, a port of 0-65535 or none,
+# no '@', no spaces, no control characters), accepted without parsing.
+_HOST_AND_PORT = (
+    r"[A-Za-z0-9.-]+"
+    r"(?::(?:[1-5]?[0-9]{1,4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?"
+)
+_PLAIN_URL = re.compile(rf"https?://{_HOST_AND_PORT}(?:[/?#][^\s@\x00-\x1f\x7f]*)?")
 # A whole ``Input Image Urls`` cell of such URLs, in printable ASCII, with commas and
 # spaces between them, accepted in one match: one regex per row instead of one per URL.
 # Anything else (other blanks, other characters) is checked URL by URL.
-_PLAIN_IN_CELL = r"https?://[A-Za-z0-9.-]+(?:[/?#][!-+\--?A-~]*)?"
+_PLAIN_IN_CELL = rf"https?://{_HOST_AND_PORT}(?:[/?#][!-+\--?A-~]*)?"
 _PLAIN_URL_CELL = re.compile(rf"[ ,]*(?:{_PLAIN_IN_CELL}(?:[ ]*,[ ,]*{_PLAIN_IN_CELL})*)?[ ,]*")
 
 

@@ -10,7 +10,7 @@ quality for others: the same figure ImageMagick's ``identify -format %Q`` report
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from functools import cache
+from functools import cache, lru_cache
 from operator import sub
 
 from pixelmill.imaging.jpeg import read_header
@@ -67,8 +67,13 @@ def estimate_from_tables(tables: Mapping[int, Sequence[int]]) -> int | None:
     if not tables:
         return None
     ids = sorted(tables)
-    luma = tables[ids[0]]
-    chroma = tables[ids[1]] if len(ids) > 1 else None
+    chroma = tuple(tables[ids[1]]) if len(ids) > 1 else None
+    return _nearest_quality(tuple(tables[ids[0]]), chroma)
+
+
+# Files from one encoder at one setting share their tables: most estimates are repeats.
+@lru_cache(maxsize=256)
+def _nearest_quality(luma: tuple[int, ...], chroma: tuple[int, ...] | None) -> int:
     # The mean ratio to the standard table gives the scale, hence a first guess; the
     # nearest standard tables are then searched for around it.
     scale = 100 * sum(luma) / sum(_LUMA)
