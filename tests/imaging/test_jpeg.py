@@ -87,6 +87,7 @@ def test_the_header_says_what_pillow_reads(
     assert header.icc_segments == ()
     assert header.ends_with_eoi
     assert header.adobe_transform == (0 if mode == "CMYK" else None)  # Adobe: CMYK as is
+    assert data[header.scan_start : header.scan_start + 2] == b"\xff\xda"
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 import cv2
 import pyvips
@@ -97,8 +96,6 @@ class InlineImaging:
             except Exception as exc:  # a bug or a libvips crash must not kill the worker
                 log.exception("processing %s failed", fetched.url)
                 return ImageFailure(ErrorCode.INTERNAL_ERROR, f"processing failed: {exc}")
-        if isinstance(outcome, ProcessedImage):
-            return replace(outcome, duration_ms=(time.monotonic() - started) * 1000)
         return outcome
 
     def _transform_and_store(
@@ -126,6 +123,7 @@ class InlineImaging:
             source_quality=encoded.source_quality,
             output_quality=encoded.output_quality,
             kept_source=encoded.kept_source,
+            duration_ms=(time.monotonic() - started) * 1000,
         )
 
     def _earlier_result(self, stored: StoredObject, started: float) -> ProcessedImage | None:

@@ -96,11 +96,13 @@ class JpegHeader:
     icc_segments: tuple[bytes, ...]  # the APP2 segments of the profile, whole
     quant_tables: dict[int, tuple[int, ...]]  # by table id, in natural order
     ends_with_eoi: bool
+    scan_start: int  # the offset of the first SOS marker: what follows is image data
 
 
 def read_header(data: bytes) -> JpegHeader | None:
     """The header of the JPEG in ``data``, or None if it cannot be read whole."""
     frame: tuple[int, int, int, int, int] | None = None
+    scan_start = len(data)
     orientation: int | None = 1
     exif_seen = False
     adobe: int | None = None
@@ -123,6 +125,8 @@ def read_header(data: bytes) -> JpegHeader | None:
                     orientation = exif_orientation(payload[len(EXIF_SIGNATURE) :])
             elif marker == APP2 and segment.payload(data).startswith(ICC_SIGNATURE):
                 icc.append(data[segment.start : segment.end])
+            elif marker == SOS:
+                scan_start = segment.start
             elif marker == APP14 and segment.payload(data).startswith(b"Adobe"):
                 payload = segment.payload(data)
                 adobe = payload[11] if len(payload) > 11 else None
@@ -142,6 +146,7 @@ def read_header(data: bytes) -> JpegHeader | None:
         icc_segments=tuple(icc),
         quant_tables=tables,
         ends_with_eoi=data.endswith(EOI),
+        scan_start=scan_start,
     )
 
 

@@ -384,8 +384,9 @@ def _jpeg_to_jpeg(
     output = jpeg.with_segments(encoded.tobytes(), header.icc_segments)
     size = (header.width, header.height)
     return _never_larger(
-        data, "jpeg", 1, size, size, output, "jpeg", source_quality, output_quality
-    )
+        data, "jpeg", 1, size, size, output, "jpeg", source_quality, output_quality,
+        kept_at_least=len(data) - header.scan_start,
+    )  # fmt: skip
 
 
 def _never_larger(
@@ -398,10 +399,13 @@ def _never_larger(
     output_format: str,
     source_quality: int | None,
     output_quality: int,
+    kept_at_least: int = 0,
 ) -> EncodedImage:
     """Keep the source (metadata stripped) when re-encoding would not make it smaller.
 
     ``source_size`` is the source's size upright, ``output_size`` the encoded image's.
+    ``kept_at_least`` is a size no stripped source can be under (its image data): an
+    encoding smaller than that needs no stripped copy to compare with.
     The stripped source is compared with the re-encoded image, so an output is never
     larger than the source except where stripping is impossible (below).
 
@@ -409,7 +413,7 @@ def _never_larger(
     metadata cannot be removed losslessly (GIF, TIFF, BMP, HEIF, WebP with EXIF/XMP).
     A JPEG keeps its EXIF orientation, alone, so it is still displayed upright.
     """
-    source_fits = output_size == source_size
+    source_fits = output_size == source_size and len(encoded) >= kept_at_least
     kept = without_metadata(data, source_format, orientation) if source_fits else None
     if kept is not None and len(kept) <= len(encoded):
         return EncodedImage(
