@@ -322,13 +322,17 @@ def process_image(
 # Huffman-coded. Arithmetic-coded, lossless and hierarchical JPEGs go through libvips.
 _PLAIN_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
 _YCBCR = 1  # the Adobe APP14 transform of YCbCr data
+# OpenCV decodes a whole image into memory (3 bytes a pixel); libvips streams a larger
+# one in strips, so that the memory of an image in flight stays bounded.
+_WHOLE_DECODE_MAX_PIXELS = 25_000_000
 
 
 def _plain_jpeg(data: bytes, options: ProcessingOptions) -> jpeg.JpegHeader | None:
     """The header of a JPEG that can take the short road, or None.
 
     8-bit grey or YCbCr, upright, whole (it ends with its EOI marker: a truncated file
-    goes to libvips, which refuses it), to stay a JPEG and not to be shrunk.
+    goes to libvips, which refuses it), at most 25 MP, to stay a JPEG and not to be
+    shrunk.
     """
     if options.format not in ("keep", "jpeg"):
         return None
@@ -341,6 +345,7 @@ def _plain_jpeg(data: bytes, options: ProcessingOptions) -> jpeg.JpegHeader | No
         or not header.ends_with_eoi
         or header.components not in (1, 3)
         or (header.components == 3 and header.adobe_transform not in (None, _YCBCR))
+        or header.width * header.height > _WHOLE_DECODE_MAX_PIXELS
     ):
         return None
     fits = (options.max_width or header.width) >= header.width and (
