@@ -1,4 +1,8 @@
-"""Typed dependencies of the routes: the runtime and the caller."""
+"""Typed dependencies of the routes: the runtime and the caller.
+
+They are coroutines although nothing in them waits: FastAPI runs a plain function
+dependency in a worker thread, a hop that cost more than the dependency itself.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,14 @@ from pixelmill.api.errors import ApiError
 from pixelmill.runtime import Runtime
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
 
-def get_owner(request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]) -> str | None:
+async def get_owner(
+    request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]
+) -> str | None:
     """The caller's identity: a digest of its API key, or None when the API is open."""
     keys = runtime.settings.api_keys
     if not keys:

@@ -79,7 +79,8 @@ class InFlight:
         self.served += 1
 
 
-def _authorize(request: Request) -> None:
+async def _authorize(request: Request) -> None:
+    # A coroutine, so that FastAPI calls it on the loop rather than in a worker thread.
     token: str = request.app.state.settings.imaging_token
     if not token:
         return
