@@ -177,6 +177,38 @@ def test_a_plain_jpeg_comes_out_as_libvips_would_write_it(
         assert "progressive" not in image.info
 
 
+@pytest.mark.parametrize(
+    ("size", "writer"),
+    [
+        ((333, 101), "pillow 4:2:2"),
+        ((17, 9), "pillow 4:4:4"),
+        ((640, 427), "libvips with restart markers"),
+        ((1, 1), "pillow 4:2:0"),
+    ],
+)
+def test_odd_sizes_subsamplings_and_restart_markers_come_out_alike(
+    photo: Image.Image, size: tuple[int, int], writer: str
+) -> None:
+    image = photo.resize(size)
+    if writer.startswith("pillow"):
+        subsampling = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}[writer.split()[1]]
+        data = save(image, quality=80, subsampling=subsampling)
+    else:
+        vips_image = pyvips.Image.new_from_memory(
+            image.tobytes(), image.width, image.height, 3, "uchar"
+        )
+        data = vips_image.jpegsave_buffer(Q=80, restart_interval=4, keep="none")
+
+    result = processed(data)
+
+    assert (result.width, result.height) == size
+    if result.kept_source:  # a tiny file re-encoding cannot beat
+        assert result.data == data
+        return
+    reference = pyvips.Image.new_from_buffer(data, "").jpegsave_buffer(Q=40, keep="none")
+    assert mean_difference(result.data, reference) < 1.5
+
+
 def test_the_colour_profile_of_a_plain_jpeg_survives(photo: Image.Image) -> None:
     profile = srgb_profile() + bytes(150_000)
     data = save(photo, quality=90, icc_profile=profile)
