@@ -170,14 +170,17 @@ def worker(
     ] = None,
 ) -> None:
     """A long-running worker: takes tasks from the queue until SIGTERM or SIGINT."""
-    # The slow imports, before the gate: the runtime, and the codecs of inline imaging.
-    from pixelmill.imaging.inline import InlineImaging  # noqa: F401
-    from pixelmill.runtime import Runtime  # noqa: F401
     from pixelmill.supervisor import child_settings, wait_at_gate
 
     handed_down = child_settings()
     settings = handed_down or _settings(worker_concurrency=concurrency)
     _logging(settings.log_level)
+    # The slow imports, before the gate: the runtime, and the codecs if images are
+    # processed in this process.
+    from pixelmill.runtime import Runtime  # noqa: F401
+
+    if settings.imaging_url.strip().startswith("inline:"):
+        from pixelmill.imaging.inline import InlineImaging  # noqa: F401
     if not wait_at_gate():
         return  # the parent started this worker early, then found no work for it
     # A worker process of ``serve`` or ``process``: its parent has migrated already.
