@@ -365,6 +365,7 @@ def _jpeg_to_jpeg(
     OpenCV cannot decode, so that libvips says what is wrong with it)."""
     if header.width * header.height > limits.max_pixels:
         raise _too_many_pixels(header.width, header.height, limits)
+    _check_deadline(deadline)
     source_quality = estimate_from_tables(header.quant_tables)
     output_quality = _output_quality(source_quality, options, limits)
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
