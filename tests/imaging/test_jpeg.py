@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
 
@@ -11,7 +12,12 @@ from PIL import Image, ImageChops, ImageCms, ImageStat, JpegImagePlugin
 
 from pixelmill.domain import ProcessingOptions
 from pixelmill.imaging import jpeg
-from pixelmill.imaging.ops import EncodedImage, ImageLimits, process_image
+from pixelmill.imaging.ops import (
+    EncodedImage,
+    ImageLimits,
+    process_image,
+    takes_the_jpeg_road,
+)
 from pixelmill.imaging.strip import orientation_segment
 from tests.support.images import SAMPLES
 
@@ -153,7 +159,83 @@ def test_the_header_of_a_truncated_file_says_it_has_no_end(photo: Image.Image) -
     assert not header.ends_with_eoi
 
 
+def test_segments_go_after_the_jfif_segment_or_else_after_soi(photo: Image.Image) -> None:
+    profile = srgb_profile()
+    donor = jpeg.read_header(save(photo, icc_profile=profile))
+    assert donor is not None
+    with_jfif = save(photo)
+    assert with_jfif[2:4] == b"\xff\xe0"
+    without_jfif = with_jfif[:2] + with_jfif[4 + int.from_bytes(with_jfif[4:6], "big") :]
+
+    for target in (with_jfif, without_jfif):
+        data = jpeg.with_segments(target, donor.icc_segments)
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.info.get("icc_profile") == profile
+            assert ("jfif" in image.info) == (target is with_jfif)
+            image.load()  # still a whole, decodable file
+    assert jpeg.with_segments(with_jfif, ()) is with_jfif
+
+
 # --- JPEG to JPEG ----------------------------------------------------------------------
+
+
+def _header(data: bytes) -> jpeg.JpegHeader:
+    header = jpeg.read_header(data)
+    assert header is not None
+    return header
+
+
+@pytest.mark.parametrize(
+    ("case", "takes_it"),
+    [
+        ("colour", True),
+        ("grey", True),
+        ("progressive", True),
+        ("with a colour profile", True),
+        ("no larger than the size bounds", True),
+        ("cmyk", False),
+        ("rotated", False),
+        ("truncated", False),
+        ("to webp", False),
+        ("shrunk", False),
+        ("rgb, not ycbcr", False),
+        ("12-bit", False),
+        ("arithmetic-coded", False),
+        ("over 25 MP", False),
+    ],
+)
+def test_which_jpegs_take_the_opencv_road(photo: Image.Image, case: str, takes_it: bool) -> None:
+    plain = save(photo, quality=90)
+    header = _header(plain)
+    options = ProcessingOptions()
+    if case == "grey":
+        header = _header(save(photo.convert("L")))
+    elif case == "progressive":
+        header = _header(save(photo, progressive=True))
+    elif case == "with a colour profile":
+        header = _header(save(photo, icc_profile=srgb_profile()))
+    elif case == "no larger than the size bounds":
+        options = ProcessingOptions(max_width=photo.width, max_height=photo.height + 1)
+    elif case == "cmyk":
+        header = _header(save(photo.convert("CMYK")))
+    elif case == "rotated":
+        header = _header(with_app1(plain, orientation_segment(6)))
+    elif case == "truncated":
+        header = _header(plain[: len(plain) // 2])
+    elif case == "to webp":
+        options = ProcessingOptions(format="webp")
+    elif case == "shrunk":
+        options = ProcessingOptions(max_width=photo.width - 1)
+    elif case == "rgb, not ycbcr":
+        header = dataclasses.replace(header, adobe_transform=0)
+    elif case == "12-bit":
+        header = dataclasses.replace(header, precision=12)
+    elif case == "arithmetic-coded":
+        header = dataclasses.replace(header, frame=0xC9)
+    elif case == "over 25 MP":
+        header = dataclasses.replace(header, width=6000, height=4200)
+
+    assert takes_the_jpeg_road(header, options) is takes_it
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
@@ -162,6 +244,7 @@ def test_a_plain_jpeg_comes_out_as_libvips_would_write_it(
     photo: Image.Image, mode: str, progressive: bool
 ) -> None:
     data = save(photo.convert(mode), quality=88, progressive=progressive)
+    assert takes_the_jpeg_road(_header(data), ProcessingOptions())
 
     result = processed(data)
 
@@ -212,6 +295,7 @@ def test_odd_sizes_subsamplings_and_restart_markers_come_out_alike(
 def test_the_colour_profile_of_a_plain_jpeg_survives(photo: Image.Image) -> None:
     profile = srgb_profile() + bytes(150_000)
     data = save(photo, quality=90, icc_profile=profile)
+    assert takes_the_jpeg_road(_header(data), ProcessingOptions())
 
     result = processed(data)
 

@@ -25,7 +25,7 @@ from PIL import Image
 
 from pixelmill.domain import ErrorCode, ImageFailure, ProcessingOptions
 from pixelmill.imaging import jpeg
-from pixelmill.imaging.quality import estimate_from_tables, estimate_jpeg_quality
+from pixelmill.imaging.quality import estimate_from_tables
 from pixelmill.imaging.strip import without_metadata
 
 LOSSLESS_SOURCES = frozenset({"png", "gif", "tiff", "bmp"})
@@ -258,10 +258,13 @@ def _output_format(source_format: str, options: ProcessingOptions) -> str:
 
 
 def _qualities(
-    data: bytes, source_format: str, options: ProcessingOptions, limits: ImageLimits
+    jpeg_header: jpeg.JpegHeader | None,
+    source_format: str,
+    options: ProcessingOptions,
+    limits: ImageLimits,
 ) -> tuple[int | None, int]:
     """(source quality, output quality); an unknown source quality counts as 100."""
-    source_quality = estimate_jpeg_quality(data) if source_format == "jpeg" else None
+    source_quality = estimate_from_tables(jpeg_header.quant_tables) if jpeg_header else None
     if source_format in LOSSLESS_SOURCES:
         source_quality = 100
     return source_quality, _output_quality(source_quality, options, limits)
@@ -294,14 +297,15 @@ def process_image(
     """Run the whole pipeline on the bytes of one source image."""
     try:
         source_format = _step_sniff(data)
-        if source_format == "jpeg" and (plain := _plain_jpeg(data, options)):
-            fast = _jpeg_to_jpeg(data, plain, options, limits, deadline)
+        jpeg_header = jpeg.read_header(data) if source_format == "jpeg" else None
+        if jpeg_header and takes_the_jpeg_road(jpeg_header, options):
+            fast = _jpeg_to_jpeg(data, jpeg_header, options, limits, deadline)
             if fast is not None:
                 return fast
         header = _load(data, source_format, limits)
         _step_check_pixels(header, limits)
         _check_deadline(deadline)
-        source_quality, output_quality = _qualities(data, source_format, options, limits)
+        source_quality, output_quality = _qualities(jpeg_header, source_format, options, limits)
         output_format = _output_format(source_format, options)
         image = _step_decode(data, source_format, header, options)
         image = _step_to_srgb(image)
@@ -327,31 +331,25 @@ _YCBCR = 1  # the Adobe APP14 transform of YCbCr data
 _WHOLE_DECODE_MAX_PIXELS = 25_000_000
 
 
-def _plain_jpeg(data: bytes, options: ProcessingOptions) -> jpeg.JpegHeader | None:
-    """The header of a JPEG that can take the short road, or None.
+def takes_the_jpeg_road(header: jpeg.JpegHeader, options: ProcessingOptions) -> bool:
+    """Whether a JPEG goes through OpenCV rather than libvips.
 
     8-bit grey or YCbCr, upright, whole (it ends with its EOI marker: a truncated file
     goes to libvips, which refuses it), at most 25 MP, to stay a JPEG and not to be
     shrunk.
     """
-    if options.format not in ("keep", "jpeg"):
-        return None
-    header = jpeg.read_header(data)
-    if (
-        header is None
-        or header.frame not in _PLAIN_FRAMES
-        or header.precision != 8
-        or header.orientation != 1
-        or not header.ends_with_eoi
-        or header.components not in (1, 3)
-        or (header.components == 3 and header.adobe_transform not in (None, _YCBCR))
-        or header.width * header.height > _WHOLE_DECODE_MAX_PIXELS
-    ):
-        return None
-    fits = (options.max_width or header.width) >= header.width and (
-        options.max_height or header.height
-    ) >= header.height
-    return header if fits else None
+    return (
+        options.format in ("keep", "jpeg")
+        and header.frame in _PLAIN_FRAMES
+        and header.precision == 8
+        and header.orientation == 1
+        and header.ends_with_eoi
+        and header.components in (1, 3)
+        and (header.components == 1 or header.adobe_transform in (None, _YCBCR))
+        and header.width * header.height <= _WHOLE_DECODE_MAX_PIXELS
+        and (options.max_width or header.width) >= header.width
+        and (options.max_height or header.height) >= header.height
+    )
 
 
 def _jpeg_to_jpeg(
