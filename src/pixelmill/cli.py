@@ -177,9 +177,10 @@ def worker(
     _logging(settings.log_level)
     # The slow imports, before the gate: the runtime, and the codecs if images are
     # processed in this process.
+    from pixelmill.imaging import imaging_is_inline
     from pixelmill.runtime import Runtime  # noqa: F401
 
-    if settings.imaging_url.strip().startswith("inline:"):
+    if imaging_is_inline(settings):
         from pixelmill.imaging.inline import InlineImaging  # noqa: F401
     if not wait_at_gate():
         return  # the parent started this worker early, then found no work for it

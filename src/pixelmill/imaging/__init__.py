@@ -9,6 +9,11 @@ from pixelmill.imaging.base import Imaging
 from pixelmill.storage import Storage
 
 
+def imaging_is_inline(settings: Settings) -> bool:
+    """Whether images are processed in this process (``inline://``)."""
+    return urlsplit(settings.imaging_url.strip()).scheme == "inline"
+
+
 def open_imaging(settings: Settings, storage: Storage) -> Imaging:
     """The imaging backend named by ``PIXELMILL_IMAGING_URL``; unknown schemes are refused."""
     scheme = urlsplit(settings.imaging_url.strip()).scheme
