@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from rich.console import Console
 
 from pixelmill.api.app import create_app
 from pixelmill.config import Settings
-from pixelmill.oneshot import run_oneshot
+from pixelmill.oneshot import process_file
 
 BAD = Path(__file__).parent / "data" / "csv" / "bad"
 EXPECTED: dict[str, dict] = json.loads((BAD / "expected.json").read_text())
@@ -93,7 +94,7 @@ async def test_row_and_byte_limits_apply_to_process(settings: Settings, tmp_path
     for limits in ({"max_rows": 2}, {"max_upload_bytes": len(_rows(3)) - 1}):
         out = tmp_path / "out"
         limited = settings.model_copy(update=limits)
-        assert await run_oneshot(limited, source, out, Console(quiet=True)) == 2
+        assert await asyncio.to_thread(process_file, limited, source, out, Console(quiet=True)) == 2
         assert not (out / "output.csv").exists()
 
 
@@ -124,6 +125,6 @@ async def test_bad_file_is_refused_by_process(
     settings: Settings, tmp_path: Path, name: str
 ) -> None:
     out = tmp_path / "out"
-    code = await run_oneshot(settings, BAD / name, out, Console(quiet=True))
+    code = await asyncio.to_thread(process_file, settings, BAD / name, out, Console(quiet=True))
     assert code == 2
     assert not (out / "output.csv").exists()

@@ -7,16 +7,29 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 import pytest
 
-from pixelmill.supervisor import CONTROL_ENV, GATED_ENV, follow_parent, wait_at_gate
+from pixelmill.supervisor import (
+    CONTROL_ENV,
+    GATED_ENV,
+    ForkedChild,
+    can_fork,
+    follow_parent,
+    wait_at_gate,
+)
 from tests.support.image_host import ImageHost
 from tests.support.images import PHOTOS
 from tests.support.server import ServeProcess
 from tests.support.waiting import wait_until
+
+
+def cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().rstrip("\0").split("\0")
 
 
 def children_of(pid: int) -> set[int]:
@@ -127,7 +140,12 @@ def test_sigterm_stops_the_worker_processes_and_exits_zero(tmp_path: Path) -> No
 
 
 def start_process(
-    tmp_path: Path, image_host: ImageHost, images: int, log: IO[str], route: str = "img"
+    tmp_path: Path,
+    image_host: ImageHost,
+    images: int,
+    log: IO[str],
+    route: str = "img",
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[str]:
     """``pixelmill process`` on ``images`` images, two images per task, two processes,
     its output to ``log``."""
@@ -141,6 +159,7 @@ def start_process(
         "PIXELMILL_TASK_MAX_IMAGES": "2",
         "PIXELMILL_WORKER_PROCESSES": "2",
         "PIXELMILL_LOG_LEVEL": "INFO",
+        **(env or {}),
     }
     return subprocess.Popen(
         [sys.executable, "-m", "pixelmill", "process", str(source), "-o", str(tmp_path / "out")],
@@ -167,6 +186,9 @@ def test_process_lets_its_early_worker_process_in_only_when_there_is_work_to_sha
                     timeout=60,
                     what="the second worker process to start",
                 )
+                # Forked, not spawned: it runs the parent's command line, not ``worker``.
+                (helper,) = children_of(running.pid)
+                assert cmdline(helper) == cmdline(running.pid)
             image_host.gate.set()
             assert running.wait(timeout=120) == 0, log_path.read_text()
     finally:
@@ -175,3 +197,85 @@ def test_process_lets_its_early_worker_process_in_only_when_there_is_work_to_sha
     assert f"completed: {images} completed" in output
     assert output.count("pixelmill: worker started") == helpers_started, output
     assert "did not stop in time" not in output
+
+
+def test_a_killed_forked_helper_is_replaced_by_a_spawned_worker_and_nothing_is_lost(
+    tmp_path: Path, image_host: ImageHost
+) -> None:
+    # The forked helper is killed while it holds a task whose images wait at the host:
+    # a ``pixelmill worker`` replaces it, the task comes back when its lease runs out,
+    # and every image is processed once the host lets them through.
+    log_path = tmp_path / "process.log"
+    image_host.gate.clear()
+    try:
+        with log_path.open("w") as log:
+            running = start_process(
+                tmp_path, image_host, 8, log, route="gate/img",
+                env={"PIXELMILL_LEASE_SECONDS": "2"},
+            )  # fmt: skip
+            wait_until(
+                lambda: "worker started" in log_path.read_text(),
+                timeout=60,
+                what="the forked worker process to start",
+            )
+            (forked,) = children_of(running.pid)
+            os.kill(forked, signal.SIGKILL)
+            wait_until(
+                lambda: (kids := children_of(running.pid)) and forked not in kids and kids,
+                timeout=30,
+                what="a replacement worker process",
+            )
+            (replacement,) = children_of(running.pid)
+            assert cmdline(replacement)[-2:] == ["pixelmill", "worker"]
+            image_host.gate.set()
+            assert running.wait(timeout=120) == 0, log_path.read_text()
+    finally:
+        image_host.gate.set()
+    output = log_path.read_text()
+    assert "completed: 8 completed, 0 failed" in output, output
+    assert "worker process 0 exited with -9; restarting it" in output, output
+
+
+@pytest.fixture
+def two_children() -> Iterator[tuple[int, int]]:
+    """Two children of this process, one exiting with 3 and one sleeping; Popen is never
+    asked to reap them, so that ForkedChild can."""
+    exiting = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    sleeping = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        yield exiting.pid, sleeping.pid
+    finally:
+        sleeping.kill()
+        sleeping.wait()
+
+
+async def test_a_forked_child_is_awaited_by_its_pidfd_and_reports_how_it_ended(
+    two_children: tuple[int, int],
+) -> None:
+    exiting, sleeping = two_children
+    child = ForkedChild(exiting)
+    both = await asyncio.wait_for(asyncio.gather(child.wait(), child.wait()), 30)
+    assert both == [3, 3] and child.returncode == 3
+    child.send_signal(signal.SIGTERM)  # exited: a no-op, not an error
+    victim = ForkedChild(sleeping)
+    victim.kill()
+    assert await asyncio.wait_for(victim.wait(), 30) == -signal.SIGKILL
+
+
+def test_children_are_forked_only_while_no_other_thread_runs() -> None:
+    ready, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        ready.set()
+        release.wait(30)
+
+    other = threading.Thread(target=hold)
+    alone = threading.active_count() == 1
+    other.start()
+    ready.wait(30)
+    try:
+        assert not can_fork()
+    finally:
+        release.set()
+        other.join()
+    assert can_fork() == (alone and sys.platform == "linux")

@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     from pixelmill.db.engine import Database
 
 T = TypeVar("T")
+
+# pixelmill does no linear algebra, but numpy (which OpenCV loads) and OpenCV each load
+# OpenBLAS, whose threads spin for about 0.1 s of CPU apiece at start-up; with one
+# thread there are none. Set before any command imports the codecs.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 app = typer.Typer(
     help="Turn a CSV of products and image URLs into processed images, at any scale.",
@@ -57,16 +62,6 @@ ApiKeyOption = Annotated[
 def _logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pyvips").setLevel(logging.WARNING)
-
-
-def _run_async(main: Coroutine[Any, Any, T]) -> T:
-    """Run ``main`` on uvloop where it is installed (less CPU per event), else asyncio."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
 
 
 def _exit_zero_on_sigterm() -> None:
@@ -170,36 +165,14 @@ def worker(
     ] = None,
 ) -> None:
     """A long-running worker: takes tasks from the queue until SIGTERM or SIGINT."""
-    from pixelmill.supervisor import child_settings, wait_at_gate
+    from pixelmill.supervisor import child_settings
+    from pixelmill.worker_main import run_worker_process
 
     handed_down = child_settings()
     settings = handed_down or _settings(worker_concurrency=concurrency)
     _logging(settings.log_level)
-    # The slow imports, before the gate: the runtime, and the codecs if images are
-    # processed in this process.
-    from pixelmill.imaging import imaging_is_inline
-    from pixelmill.runtime import Runtime  # noqa: F401
-
-    if imaging_is_inline(settings):
-        from pixelmill.imaging.inline import InlineImaging  # noqa: F401
-    if not wait_at_gate():
-        return  # the parent started this worker early, then found no work for it
     # A worker process of ``serve`` or ``process``: its parent has migrated already.
-    _run_async(_run_worker(settings, migrate=handed_down is None))
-
-
-async def _run_worker(settings: Settings, migrate: bool = True) -> None:
-    from pixelmill.runtime import Runtime
-    from pixelmill.supervisor import follow_parent
-
-    runtime = await Runtime.open(settings, migrate=migrate)
-    worker = runtime.start_worker()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
-    follow_parent(on_wake=runtime.queue.wake, on_parent_gone=worker.stop)
-    logging.getLogger("pixelmill").info("worker started")
-    await runtime.close_when_stopped()
+    run_worker_process(settings, migrate=handed_down is None)
 
 
 @app.command()
@@ -214,16 +187,14 @@ def process(
     ] = FormatChoice.KEEP,
 ) -> None:
     """One shot, no server: the whole pipeline in this process, results in OUT."""
-    from pixelmill.oneshot import run_oneshot
+    from pixelmill.domain import ProcessingOptions
+    from pixelmill.oneshot import process_file
 
     # Quiet unless asked: the progress bar is the output of a one-shot run.
     settings = _settings(log_level=os.environ.get("PIXELMILL_LOG_LEVEL") or "WARNING")
     _logging(settings.log_level)
-    code = _run_async(
-        run_oneshot(
-            settings, file, out, console, quality, max_width, max_height, image_format.value
-        )
-    )
+    options = ProcessingOptions(quality, max_width, max_height, image_format.value)
+    code = process_file(settings, file, out, console, options)
     raise typer.Exit(code)
 
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,36 +27,55 @@ if TYPE_CHECKING:
     from pixelmill.runtime import Runtime
 
 
-async def run_oneshot(
+_DEFAULT_OPTIONS = ProcessingOptions()
+
+
+def process_file(
     settings: Settings,
     file: Path,
     out: Path,
     console: Console,
-    quality: int = 50,
-    max_width: int | None = None,
-    max_height: int | None = None,
-    image_format: str = "keep",
+    options: ProcessingOptions = _DEFAULT_OPTIONS,
 ) -> int:
-    """Process ``file`` into ``out``; 0 when the request completed, 1 otherwise."""
-    options = ProcessingOptions(quality, max_width, max_height, image_format)  # type: ignore[arg-type]
+    """Process ``file`` into ``out`` (the command line's way): 0 when the request
+    completed, 1 otherwise, 2 when the file was refused.
+
+    The other worker processes (one per core) are forked once the runtime is imported,
+    before the event loop starts, so that they share this process's imports; they wait
+    at a gate until there is work, doing their own start-up beside this process's.
+    Called where forking is not safe (another thread runs), it spawns them instead.
+    """
+    if not _acceptable(settings, file, console):
+        return 2
+    with _workspace(settings, out) as (local, helpers):
+        # Most of the start-up: imported once, here, for this process and its forks.
+        from pixelmill.db.ingest import stage_request  # noqa: F401
+        from pixelmill.runtime import Runtime  # noqa: F401
+        from pixelmill.worker_main import run_async, run_worker_process
+
+        helpers.fork(lambda: run_worker_process(local, migrate=False))
+        return run_async(_process(local, helpers, file, out, console, options))
+
+
+def _acceptable(settings: Settings, file: Path, console: Console) -> bool:
     if file.stat().st_size > settings.max_upload_bytes:
         # The same limit as an upload, so a file is accepted or refused alike everywhere.
         console.print(
             f"[red]the file is larger than {settings.max_upload_bytes} bytes "
             "(PIXELMILL_MAX_UPLOAD_BYTES); split the CSV into several files[/red]"
         )
-        return 2
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _workspace(settings: Settings, out: Path) -> Iterator[tuple[Settings, WorkerProcesses]]:
+    """The settings of a one-shot run, with its state in a temporary folder, and its
+    helpers (started gated, by the caller)."""
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pixelmill-process-") as state:
         local = _local_settings(settings, Path(state), out)
-        # The other worker processes (one per core) start first, so that their start-up
-        # runs beside this process's own; they wait at a gate until there is work.
-        helpers = WorkerProcesses(local, max(0, local.worker_process_count - 1), gated=True)
-        await helpers.start()
-        try:
-            return await _process(local, helpers, file, out, console, options)
-        finally:
-            await helpers.stop(local.shutdown_grace_seconds + 10)
+        yield local, WorkerProcesses(local, max(0, local.worker_process_count - 1), gated=True)
 
 
 def _local_settings(settings: Settings, state: Path, out: Path) -> Settings:
@@ -81,36 +101,36 @@ async def _process(
     console: Console,
     options: ProcessingOptions,
 ) -> int:
-    # Imported here, after the helpers were started: these imports are most of the start-up.
     from pixelmill.db.ingest import stage_request
     from pixelmill.runtime import Runtime
 
-    runtime = await Runtime.open(local, throwaway=True)
-    try:
+    async with helpers:  # starts those not forked already; stops them all at the end
+        runtime = await Runtime.open(local, throwaway=True)
         try:
-            accepted = await stage_request(
-                runtime.db,
-                file,
-                options=options,
-                webhook_url=None,
-                owner=None,
-                limits=CsvLimits(local.max_rows, local.max_urls_per_row),
-                task_max_images=local.task_max_images,
-                batch_rows=local.ingest_batch_rows,
-            )
-        except CsvRejected as exc:
-            console.print(f"[red]{exc.message}[/red]")
-            for problem in exc.problems[:20]:
-                console.print(f"  line {problem.line}, {problem.column}: {problem.message}")
-            return 2
-        # This process works too. The helpers are worth it only when there is more than
-        # one task to share; otherwise they leave, when stopped, without starting.
-        runtime.start_worker(webhooks=False)  # a one-shot request has no webhook
-        if accepted.images > local.task_max_images:
-            helpers.open_gate()
-        row = await _follow(runtime, accepted.request_id, accepted.images, console)
-    finally:
-        await runtime.close()
+            try:
+                accepted = await stage_request(
+                    runtime.db,
+                    file,
+                    options=options,
+                    webhook_url=None,
+                    owner=None,
+                    limits=CsvLimits(local.max_rows, local.max_urls_per_row),
+                    task_max_images=local.task_max_images,
+                    batch_rows=local.ingest_batch_rows,
+                )
+            except CsvRejected as exc:
+                console.print(f"[red]{exc.message}[/red]")
+                for problem in exc.problems[:20]:
+                    console.print(f"  line {problem.line}, {problem.column}: {problem.message}")
+                return 2
+            # The helpers are worth it only when there is more than one task to share;
+            # otherwise they leave, when stopped, without starting. This process works too.
+            if accepted.images > local.task_max_images:
+                helpers.open_gate()
+            runtime.start_worker(webhooks=False)  # a one-shot request has no webhook
+            row = await _follow(runtime, accepted.request_id, accepted.images, console)
+        finally:
+            await runtime.close()
     output_csv = runtime.storage.local_path(row.output_key)
     assert output_csv is not None  # the storage is a local folder
     shutil.move(output_csv, out / "output.csv")

@@ -13,6 +13,11 @@ A parent may also start its children before it is ready for them (``gated``): ea
 child does its slow start-up (the imports) beside the parent's own, then waits until
 :meth:`WorkerProcesses.open_gate`, or leaves when the pipe is closed unused.
 
+``process`` forks its children (:meth:`WorkerProcesses.fork`, on Linux) once it has
+imported the runtime and before it starts an event loop or a thread: a forked child
+shares those imports, half of a child's start-up, instead of starting Python afresh. A
+child that has to be restarted is spawned as a plain ``pixelmill worker``.
+
 The parent stops its children by closing the pipes and with SIGTERM (each finishes or
 hands back its tasks). When the parent dies without that, the children die with it, so
 that a killed ``serve`` is gone as one process would be (Linux ``PR_SET_PDEATHSIG``;
@@ -30,9 +35,14 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pixelmill.config import Settings
+
+if TYPE_CHECKING:
+    from asyncio.subprocess import Process
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +108,57 @@ def follow_parent(on_wake: Callable[[], None], on_parent_gone: Callable[[], None
     return True
 
 
+class ForkedChild:
+    """A child made by ``os.fork``, watched like an asyncio subprocess (a pidfd tells
+    the event loop when it exits)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._exited: asyncio.Future[int] | None = None
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        """The exit code (-N for signal N), once the child has exited and been reaped."""
+        if self._exited is None:
+            self._exited = asyncio.ensure_future(self._reap())
+        return await asyncio.shield(self._exited)
+
+    async def _reap(self) -> int:
+        loop = asyncio.get_running_loop()
+        pidfd = os.pidfd_open(self.pid)
+        try:
+            exited: asyncio.Future[None] = loop.create_future()
+
+            def readable() -> None:
+                if not exited.done():
+                    exited.set_result(None)
+
+            loop.add_reader(pidfd, readable)
+            try:
+                await exited
+            finally:
+                loop.remove_reader(pidfd)
+        finally:
+            os.close(pidfd)
+        # Readable means exited: the child is a zombie, reaped here without waiting.
+        _, status = os.waitpid(self.pid, os.WNOHANG)  # noqa: ASYNC222
+        self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+def can_fork() -> bool:
+    """Whether children may be forked here: Linux (pidfds; fork is the norm there) and
+    no thread but this one, so that no lock can be held by a thread the child lacks."""
+    return sys.platform == "linux" and hasattr(os, "pidfd_open") and threading.active_count() == 1
+
+
 class WorkerProcesses:
     """``count`` children running ``pixelmill worker`` with these settings."""
 
@@ -105,7 +166,7 @@ class WorkerProcesses:
         self.settings = settings
         self.count = count
         self.gated = gated
-        self._children: dict[int, asyncio.subprocess.Process] = {}
+        self._children: dict[int, Process | ForkedChild] = {}
         self._controls: dict[int, int] = {}  # the write end of each child's control pipe
         self._keepers: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -115,14 +176,41 @@ class WorkerProcesses:
         """The process ids of the children running now."""
         return [child.pid for child in self._children.values() if child.returncode is None]
 
-    async def start(self) -> None:
-        """Start every child and keep each one running until :meth:`stop`."""
+    def fork(self, child_main: Callable[[], object]) -> bool:
+        """Start every child now as a fork of this process running ``child_main``; call
+        it before any event loop or thread is started. False (nothing started) where
+        :func:`can_fork` says no: then :meth:`start` spawns them."""
+        if not can_fork():
+            return False
         for slot in range(self.count):
-            await self._spawn(slot, gated=self.gated)
+            control_read, control_write = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                _run_forked_child(
+                    child_main, control_read, [control_write, *self._controls.values()], self.gated
+                )
+            os.close(control_read)
+            os.set_blocking(control_write, False)
+            self._children[slot] = ForkedChild(pid)
+            self._controls[slot] = control_write
+        return True
+
+    async def start(self) -> None:
+        """Start every child not forked already, and keep each one running until :meth:`stop`."""
+        for slot in range(self.count):
+            if slot not in self._children:
+                await self._spawn(slot, gated=self.gated)
             self._keepers.append(
                 asyncio.create_task(self._keep(slot), name=f"pixelmill-worker-process-{slot}")
             )
         log.info("started %d worker processes: %s", self.count, self.pids)
+
+    async def __aenter__(self) -> WorkerProcesses:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.stop(self.settings.shutdown_grace_seconds + 10)
 
     async def _spawn(self, slot: int, gated: bool = False) -> None:
         control_read, control_write = os.pipe()
@@ -198,3 +286,30 @@ class WorkerProcesses:
         for keeper in self._keepers:
             keeper.cancel()
         await asyncio.gather(*self._keepers, return_exceptions=True)
+
+
+def _run_forked_child(
+    child_main: Callable[[], object], control: int, parents_ends: list[int], gated: bool
+) -> None:
+    """In a forked child: take the control pipe, run ``child_main``, and never return
+    into the parent's code (no ``atexit`` of the parent's either: its temporary folder
+    is the parent's to remove)."""
+    code = 1
+    try:
+        for descriptor in parents_ends:  # another child's pipe must close when the parent's does
+            os.close(descriptor)
+        os.environ[CONTROL_ENV] = str(control)
+        if gated:
+            os.environ[GATED_ENV] = "1"
+        child_main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        log.exception("the forked worker process failed")
+    finally:
+        logging.shutdown()
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)

@@ -1,0 +1,58 @@
+"""The body of a worker process, whether ``pixelmill worker`` started it or a fork did.
+
+Kept apart from the command line so that ``process`` can run it in a child it forks:
+that child shares the parent's imports instead of starting Python afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from pixelmill.config import Settings
+
+T = TypeVar("T")
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop where it is installed (less CPU per event), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
+def run_worker_process(settings: Settings, *, migrate: bool) -> None:
+    """Import what a worker needs, wait at the gate if the parent set one, then work
+    until SIGTERM, SIGINT or the parent's leaving. ``migrate`` is for a worker that no
+    parent has migrated the database for."""
+    # The slow imports, before the gate: the runtime, and the codecs if images are
+    # processed in this process.
+    from pixelmill.imaging import imaging_is_inline
+    from pixelmill.runtime import Runtime  # noqa: F401
+    from pixelmill.supervisor import wait_at_gate
+
+    if imaging_is_inline(settings):
+        from pixelmill.imaging.inline import InlineImaging  # noqa: F401
+    if not wait_at_gate():
+        return  # the parent started this worker early, then found no work for it
+    run_async(_work(settings, migrate))
+
+
+async def _work(settings: Settings, migrate: bool) -> None:
+    from pixelmill.runtime import Runtime
+    from pixelmill.supervisor import follow_parent
+
+    runtime = await Runtime.open(settings, migrate=migrate)
+    worker = runtime.start_worker()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    follow_parent(on_wake=runtime.queue.wake, on_parent_gone=worker.stop)
+    logging.getLogger("pixelmill").info("worker started")
+    await runtime.close_when_stopped()
