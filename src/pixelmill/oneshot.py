@@ -125,7 +125,7 @@ async def _process(
                 return 2
             # The helpers are worth it only when there is more than one task to share;
             # otherwise they leave, when stopped, without starting. This process works too.
-            if accepted.images > local.task_max_images:
+            if accepted.tasks > 1:
                 helpers.open_gate()
             runtime.start_worker(webhooks=False)  # a one-shot request has no webhook
             row = await _follow(runtime, accepted.request_id, accepted.images, console)

@@ -184,6 +184,35 @@ async def test_row_with_more_urls_than_the_bound_gets_its_own_task(
     assert spans == [(0, 1, 2), (2, 2, 5), (3, 4, 3), (5, 5, 4), (6, 6, 3), (7, 7, 3)]
 
 
+@pytest.mark.parametrize(
+    ("counts", "spans"),
+    [
+        # 200 images: two tasks of 64, then the last 72 in tasks of 16 (and the rest).
+        (
+            [1] * 200,
+            [(0, 63), (64, 127), (128, 143), (144, 159), (160, 175), (176, 191), (192, 199)],
+        ),
+        # Less than one task: cut finer too, so that it can be shared.
+        ([2] * 20, [(0, 7), (8, 15), (16, 19)]),
+        # The last task cut (rows 0-20) and the open one (21-31) are cut again: rows of 3
+        # five to a task, and a row over 16 images stands alone.
+        (
+            [3] * 30 + [20, 1],
+            [(0, 4), (5, 9), (10, 14), (15, 19), (20, 24), (25, 29), (30, 30), (31, 31)],
+        ),
+    ],
+)
+async def test_the_end_of_a_request_is_cut_into_quarter_tasks(
+    db: Database, tmp_path: Path, counts: list[int], spans: list[tuple[int, int]]
+) -> None:
+    path = write_csv(tmp_path / "in.csv", url_rows(counts))
+    accepted = await stage(db, path, task_max_images=64, batch_rows=7)
+    tasks = await tasks_of(db, accepted.request_id)
+    check_tasks(tasks, counts, bound=64)
+    assert [(task["first_row"], task["last_row"]) for task in tasks] == spans
+    assert accepted.tasks == len(tasks)
+
+
 @pytest.mark.parametrize("seed", range(6))
 async def test_tasks_cover_every_row_for_random_layouts(
     db: Database, tmp_path: Path, seed: int
@@ -337,7 +366,8 @@ async def test_products_and_images_go_in_bulk_and_keep_every_character(
         assert all("json_each" in s for s in statements if s.startswith("INSERT INTO images"))
     else:
         assert set(inserts) == {"tasks", "requests"}, "products and images went by COPY"
-    assert await table_counts(db) == {"requests": 1, "products": 500, "images": 1000, "tasks": 16}
+    # 14 tasks of 64 images, then the last 104 in tasks of at most 16.
+    assert await table_counts(db) == {"requests": 1, "products": 500, "images": 1000, "tasks": 21}
     async with db.read() as conn:
         products = (await conn.execute(select(t.products).order_by(t.products.c.row_index))).all()
         images = (await conn.execute(select(t.images).order_by(t.images.c.id))).all()

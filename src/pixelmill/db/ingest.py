@@ -64,40 +64,64 @@ class _Problems:
 
 
 class _TaskBlocks:
-    """Cuts consecutive rows into tasks of at most ``max_images`` images each."""
+    """Cuts consecutive rows into tasks of at most ``max_images`` images each, and the
+    end of the request finer.
+
+    A request ends when its last task does, while the workers that found no task left
+    wait. So the last task cut is held back until the input ends; then it and the open
+    one are cut again into tasks of a quarter of the size (for a bound of 16 images or
+    more; below that, as they were).
+    """
 
     def __init__(self, request_id: str, max_images: int) -> None:
         self.request_id = request_id
         self.max_images = max_images
+        self.tail_images = max_images // 4 if max_images >= 16 else max_images
         self.now = time.time()
         self.created_at = utcnow()
         self.count = 0
-        self._first: int | None = None
-        self._last = 0
-        self._images = 0
+        self._open: list[tuple[int, int]] = []  # (row index, images) of the open task
+        self._open_images = 0
+        self._held: list[tuple[int, int]] = []  # the last task cut, not yet emitted
 
     def add(self, row: ParsedRow) -> tuple[Any, ...] | None:
-        """Add a row; returns a finished task when the row does not fit in the open one."""
-        finished = None
-        if self._first is not None and self._images + len(row.urls) > self.max_images:
-            finished = self.close()
-        if self._first is None:
-            self._first = row.index
-        self._last = row.index
-        self._images += len(row.urls)
-        return finished
+        """Add a row; returns a task once the rows after it are known not to end the input."""
+        emitted = None
+        if self._open and self._open_images + len(row.urls) > self.max_images:
+            emitted = self._task(self._held) if self._held else None
+            self._held, self._open, self._open_images = self._open, [], 0
+        self._open.append((row.index, len(row.urls)))
+        self._open_images += len(row.urls)
+        return emitted
 
-    def close(self) -> tuple[Any, ...] | None:
-        """The open task, if any, as a row of ``_TASK_COLUMNS``."""
-        if self._first is None:
-            return None
+    def close(self) -> list[tuple[Any, ...]]:
+        """The tasks held back and open, as rows of ``_TASK_COLUMNS``, cut finer."""
+        rows, self._held, self._open, self._open_images = self._held + self._open, [], [], 0
+        return [self._task(block) for block in _blocks(rows, self.tail_images)]
+
+    def _task(self, rows: list[tuple[int, int]]) -> tuple[Any, ...]:
         task = (
-            self.request_id, TaskKind.PROCESS.value, self.count, self._first, self._last,
-            self._images, "queued", PROCESS_PRIORITY, 0, self.now, self.created_at,
+            self.request_id, TaskKind.PROCESS.value, self.count, rows[0][0], rows[-1][0],
+            sum(images for _, images in rows), "queued", PROCESS_PRIORITY, 0, self.now,
+            self.created_at,
         )  # fmt: skip
         self.count += 1
-        self._first, self._images = None, 0
         return task
+
+
+def _blocks(rows: list[tuple[int, int]], max_images: int) -> Iterator[list[tuple[int, int]]]:
+    """Consecutive ``(row index, images)`` cut greedily: a block ends only where the next
+    row would not fit (a row larger than the bound is a block of its own)."""
+    block: list[tuple[int, int]] = []
+    images = 0
+    for row in rows:
+        if block and images + row[1] > max_images:
+            yield block
+            block, images = [], 0
+        block.append(row)
+        images += row[1]
+    if block:
+        yield block
 
 
 # A batch of valid rows as each backend stores it: a JSON document on SQLite (expanded
@@ -277,9 +301,8 @@ async def _store_batches(
             images += batch.images
             await write(batch.payload)
             await _insert_tasks(conn, batch.tasks)
-        last = blocks.close()
-        if last and not problems.total:
-            await _insert_tasks(conn, [last])
+        if not problems.total:
+            await _insert_tasks(conn, blocks.close())
     finally:
         if not upcoming.done():
             await asyncio.gather(upcoming, return_exceptions=True)
