@@ -162,7 +162,9 @@ class Progress:
 
 @dataclass
 class ImageRecord:
-    """One image of a task, as the worker sees it."""
+    """One image of a task, as the worker sees it; ``status`` is the image's status when
+    the task was taken (``pending``: never started; ``processing``: an earlier delivery
+    of the task started it)."""
 
     id: int
     row_index: int

@@ -182,6 +182,8 @@ class WorkerProcesses:
         :func:`can_fork` says no: then :meth:`start` spawns them."""
         if not can_fork():
             return False
+        sys.stdout.flush()  # or what is buffered would be written twice
+        sys.stderr.flush()
         for slot in range(self.count):
             control_read, control_write = os.pipe()
             pid = os.fork()
@@ -305,6 +307,8 @@ def _run_forked_child(
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports it
+        code = 130
     except BaseException:
         log.exception("the forked worker process failed")
     finally:

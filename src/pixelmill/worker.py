@@ -25,7 +25,14 @@ from pixelmill.config import Settings
 from pixelmill.csvio import OutputCsvWriter
 from pixelmill.db import work
 from pixelmill.db.engine import Database
-from pixelmill.domain import ErrorCode, ImageFailure, ImageRecord, ProcessingOptions, TaskKind
+from pixelmill.domain import (
+    ErrorCode,
+    ImageFailure,
+    ImageRecord,
+    ImageStatus,
+    ProcessingOptions,
+    TaskKind,
+)
 from pixelmill.imaging.base import Imaging, ImagingUnavailableError
 from pixelmill.queue.base import Queue, TaskMessage
 from pixelmill.recorder import ResultRecorder
@@ -307,6 +314,8 @@ class Worker:
         unstarted: _Unstarted | None = None,
     ) -> work.ImageResult:
         stem = f"{request_id}/{image.row_index + 1}-{image.position}"
+        # Pending when its task was taken: no attempt before this one has started it.
+        fresh = image.status is ImageStatus.PENDING
         attempt = 0
         waits = 0
         while True:
@@ -316,7 +325,9 @@ class Worker:
                     unstarted = None
                     self._capacity_changed.set()
                 try:
-                    outcome = await self.imaging.process(image.input_url, options, stem)
+                    outcome = await self.imaging.process(
+                        image.input_url, options, stem, fresh=fresh and attempt == 0
+                    )
                 except ImagingUnavailableError as exc:
                     outcome = None
                     reason = exc

@@ -159,7 +159,8 @@ async def test_start_task_moves_its_pending_images_to_processing(
         (0, 2, "https://img.example/1/1.jpg"),
         (1, 1, "https://img.example/2/0.jpg"),
     ]
-    assert {i.status for i in work.images} == {ImageStatus.PROCESSING}
+    # Each image says what it was when the task was taken: none had been started.
+    assert {i.status for i in work.images} == {ImageStatus.PENDING}
     assert {i.attempts for i in work.images} == {0}
     assert await counters(db, accepted.request_id) == ("processing", 6, 3, 3, 0, 0)
     statuses = await image_statuses(db, accepted.request_id)
@@ -184,6 +185,7 @@ async def test_start_task_again_moves_nothing_and_skips_terminal_images(
     again = await start_task(db, task_id)
     assert again is not None
     assert [i.id for i in again.images] == [i.id for i in work.images[1:]]
+    assert {i.status for i in again.images} == {ImageStatus.PROCESSING}  # started before
     assert await counters(db, accepted.request_id) == ("processing", 3, 0, 2, 1, 0)
 
 

@@ -37,6 +37,26 @@ async def test_a_second_attempt_finds_the_stored_object(
     assert counts == {"req/1-1.jpg": 1}
 
 
+async def test_a_fresh_image_is_not_looked_for(tmp_path: Path, image_host: ImageHost) -> None:
+    # The worker says ``fresh`` for an image that no delivery had started: what is stored
+    # under its key (here planted by hand) cannot be its result, and is not looked at.
+    storage = LocalStorage(tmp_path / "files", "http://files.test/files")
+    planted = {"format": "jpeg", "width": "1", "height": "1", "bytes_in": "7"}
+    planted |= {"source_quality": "", "output_quality": "", "kept_source": "true"}
+    storage.put_bytes_blocking("req/1-1.jpg", b"planted", "image/jpeg", planted)
+    assert await storage.find("req/1-1", OUTPUT_EXTENSIONS) is not None  # whole metadata
+    settings = Settings(data_dir=tmp_path, allow_private_urls=True)
+    url = image_host.url(f"img/cat.jpg?fresh={uuid.uuid4().hex}")
+    imaging = InlineImaging(settings, storage)
+    try:
+        outcome = await imaging.process(url, ProcessingOptions(), "req/1-1", fresh=True)
+    finally:
+        await imaging.close()
+    assert isinstance(outcome, ProcessedImage) and outcome.output_key == "req/1-1.jpg"
+    assert fetches(image_host, url) == 1
+    assert (storage.root / "req/1-1.jpg").read_bytes() != b"planted"
+
+
 async def test_an_object_stored_without_metadata_is_not_trusted(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "files", "http://files.test/files")
     storage.put_bytes_blocking("req/1-1.jpg", b"older bytes", "image/jpeg")

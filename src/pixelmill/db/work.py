@@ -60,7 +60,8 @@ class ImageResult:
 
 @retry_transient
 async def start_task(db: Database, task_id: int) -> TaskWork | None:
-    """Mark the task's pending images ``processing`` and return those not yet terminal."""
+    """Mark the task's pending images ``processing`` and return those not yet terminal,
+    each with its status from before (``pending`` for one that no delivery started)."""
     async with db.write() as conn:
         task = (await conn.execute(select(t.tasks).where(t.tasks.c.id == task_id))).first()
         if task is None:
@@ -70,6 +71,22 @@ async def start_task(db: Database, task_id: int) -> TaskWork | None:
             & (t.images.c.row_index >= task.first_row)
             & (t.images.c.row_index <= task.last_row)
         )
+        # Read before the move, so that each image says whether an earlier delivery
+        # of the task started it.
+        rows = (
+            await conn.execute(
+                select(
+                    t.images.c.id,
+                    t.images.c.row_index,
+                    t.images.c.position,
+                    t.images.c.input_url,
+                    t.images.c.status,
+                    t.images.c.attempts,
+                )
+                .where(in_task & t.images.c.status.in_(_OPEN))
+                .order_by(t.images.c.row_index, t.images.c.position)
+            )
+        ).all()
         moved = await conn.execute(
             update(t.images)
             .where(in_task & (t.images.c.status == ImageStatus.PENDING.value))
@@ -94,18 +111,6 @@ async def start_task(db: Database, task_id: int) -> TaskWork | None:
                 .returning(t.requests.c.options)
             )
         ).first()
-        rows = await conn.execute(
-            select(
-                t.images.c.id,
-                t.images.c.row_index,
-                t.images.c.position,
-                t.images.c.input_url,
-                t.images.c.status,
-                t.images.c.attempts,
-            )
-            .where(in_task & t.images.c.status.in_(_OPEN))
-            .order_by(t.images.c.row_index, t.images.c.position)
-        )
         images = [
             ImageRecord(
                 r.id, r.row_index, r.position, r.input_url, ImageStatus(r.status), r.attempts

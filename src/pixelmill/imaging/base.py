@@ -22,9 +22,14 @@ class Imaging(Protocol):
     """
 
     async def process(
-        self, source_url: str, options: ProcessingOptions, output_stem: str
+        self, source_url: str, options: ProcessingOptions, output_stem: str, *, fresh: bool = False
     ) -> ImageOutcome:
-        """Process ``source_url`` and store it under ``output_stem`` + its extension."""
+        """Process ``source_url`` and store it under ``output_stem`` + its extension.
+
+        ``fresh`` says that no earlier attempt can have stored this image (the first try
+        of its task's first delivery): an implementation may then skip looking for what
+        an earlier attempt stored. Without it, that look comes first.
+        """
         ...
 
     async def close(self) -> None: ...

@@ -101,8 +101,10 @@ class HttpImaging:
         self._turn = 0
 
     async def process(
-        self, source_url: str, options: ProcessingOptions, output_stem: str
+        self, source_url: str, options: ProcessingOptions, output_stem: str, *, fresh: bool = False
     ) -> ImageOutcome:
+        # ``fresh`` is not passed on: a call retried on another instance may follow one
+        # that timed out after storing the image, so the service always looks first.
         body = request_body(source_url, options, output_stem)
         deadline = time.monotonic() + self.patience
         tried: set[int] = set()
