@@ -150,3 +150,21 @@ def test_submit_and_process_apply_the_row_and_byte_limits(tmp_path: Path) -> Non
         assert result.returncode == 2, result.stderr
         assert words in result.stdout + result.stderr
         assert not (tmp_path / "out" / "output.csv").exists()
+
+
+def test_a_command_starts_with_the_collector_held_back_and_no_blas_threads() -> None:
+    # What the command line sets for itself before any command runs; the worker and the
+    # apps set the collector back once started (pixelmill.collector.started).
+    probe = (
+        "import gc, os, pixelmill.cli, pixelmill.collector as c;"
+        "print(gc.get_threshold()[0], os.environ['OPENBLAS_NUM_THREADS']);"
+        "import cv2, numpy;"  # numpy's and OpenCV's BLAS load here, with one thread each
+        "print(len(os.listdir('/proc/self/task')));"
+        "c.started(); print(gc.get_threshold() == c._NORMAL, gc.get_freeze_count() > 0)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:3] == ["1000000 1", "1", "True True"]

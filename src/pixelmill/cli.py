@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
+from pixelmill import collector
 from pixelmill.config import Settings
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ T = TypeVar("T")
 # OpenBLAS, whose threads spin for about 0.1 s of CPU apiece at start-up; with one
 # thread there are none. Set before any command imports the codecs.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+collector.hold_back()
 
 app = typer.Typer(
     help="Turn a CSV of products and image URLs into processed images, at any scale.",

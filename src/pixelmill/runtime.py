@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from dataclasses import dataclass, field
 
+from pixelmill import collector
 from pixelmill.config import Settings
 from pixelmill.db import tables
 from pixelmill.db.engine import Database
@@ -94,7 +94,7 @@ class Runtime:
         self._worker_task = asyncio.create_task(self.worker.run(), name="pixelmill-worker")
         # What was built so far lives as long as the process: the cyclic collector
         # need not go through it again on every full collection.
-        gc.freeze()
+        collector.started()
         return self.worker
 
     def _on_request_closed(self, _request_id: str) -> None:

@@ -14,7 +14,7 @@ from sqlalchemy import text
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pixelmill import __version__
+from pixelmill import __version__, collector
 from pixelmill.api.deps import RuntimeDep
 from pixelmill.api.errors import ApiError, error_response, install_error_handlers
 from pixelmill.api.routes import router
@@ -68,6 +68,7 @@ def create_app(
         app.state.runtime = runtime
         if run_worker:
             await runtime.start_workers(settings.worker_process_count)
+        collector.started()
         try:
             yield
         finally:

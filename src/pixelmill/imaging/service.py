@@ -19,7 +19,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from pixelmill import __version__
+from pixelmill import __version__, collector
 from pixelmill.api.errors import ApiError, error_response, install_error_handlers
 from pixelmill.config import Settings
 from pixelmill.domain import OutputFormat, ProcessingOptions
@@ -103,6 +103,7 @@ def create_imaging_app(settings: Settings) -> FastAPI:
             settings.imaging_threads,
             settings.imaging_max_in_flight,
         )
+        collector.started()
         try:
             yield
         finally:
