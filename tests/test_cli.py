@@ -168,3 +168,34 @@ def test_a_command_starts_with_the_collector_held_back_and_no_blas_threads() -> 
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:3] == ["1000000 1", "1", "True True"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+@pytest.mark.parametrize(("own_setting", "mapped"), [(None, 0), ("131072", 1)])
+def test_a_command_keeps_image_sized_blocks_in_the_heap(
+    own_setting: str | None, mapped: int
+) -> None:
+    # An 8 MB block (a decoded photo) comes from the heap, not from mmap, once the
+    # command line has set glibc's thresholds; an operator's own setting is left alone.
+    probe = (
+        "import ctypes, pixelmill.cli\n"
+        "class Info(ctypes.Structure):\n"
+        "    _fields_ = [(n, ctypes.c_size_t) for n in ("
+        "'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks',"
+        " 'uordblks', 'fordblks', 'keepcost')]\n"
+        "libc = ctypes.CDLL(None)\n"
+        "libc.mallinfo2.restype = Info\n"
+        "libc.malloc.restype = ctypes.c_void_p\n"
+        "before = libc.mallinfo2().hblks\n"
+        "block = libc.malloc(8 << 20)\n"
+        "print(libc.mallinfo2().hblks - before)\n"
+        "libc.free(ctypes.c_void_p(block))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    if own_setting:
+        env["MALLOC_MMAP_THRESHOLD_"] = own_setting
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(mapped)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from pixelmill import collector
+from pixelmill import allocator, collector
 from pixelmill.config import Settings
 
 if TYPE_CHECKING:
@@ -28,6 +28,7 @@ T = TypeVar("T")
 # thread there are none. Set before any command imports the codecs.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 collector.hold_back()
+allocator.keep_image_memory()
 
 app = typer.Typer(
     help="Turn a CSV of products and image URLs into processed images, at any scale.",
