@@ -26,9 +26,9 @@ class Imaging(Protocol):
     ) -> ImageOutcome:
         """Process ``source_url`` and store it under ``output_stem`` + its extension.
 
-        ``fresh`` says that no earlier attempt can have stored this image (the first try
-        of its task's first delivery): an implementation may then skip looking for what
-        an earlier attempt stored. Without it, that look comes first.
+        ``fresh`` says that no earlier attempt can have stored this image (its first try,
+        and it was still ``pending`` when its task was taken): an implementation may then
+        skip looking for what an earlier attempt stored. Without it, that look comes first.
         """
         ...
 
