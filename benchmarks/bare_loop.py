@@ -2,12 +2,12 @@
 
 One process per core (default), each with a few threads; every thread keeps one
 keep-alive HTTP connection (so each process has a pool of them) and loops over its
-share of the URLs: GET, decode and encode with the chosen codec (``opencv``, which
-pixelmill uses for a JPEG that stays a JPEG, ``pyvips``, its codec for the rest, or
-``pillow``), write ``OUT/<n>.jpg``. No database, no
+share of the URLs: GET, decode and encode with the chosen codec (``simplejpeg``, which
+pixelmill uses for a JPEG that stays a JPEG, ``opencv``, ``pyvips``, its codec for the
+rest, or ``pillow``), write ``OUT/<n>.jpg``. No database, no
 status, no quality estimate, no retries: the cost floor of the work itself.
 
-Usage: ``python benchmarks/bare_loop.py URLS.csv OUT [--codec opencv|pyvips|pillow]
+Usage: ``python benchmarks/bare_loop.py URLS.csv OUT [--codec simplejpeg|opencv|pyvips|pillow]
 [--processes N] [--threads T] [--quality Q]``; URLS.csv has a ``url`` column (or one
 URL per line). Prints ``{"images": ok, "failed": n}`` as JSON.
 """
@@ -32,6 +32,19 @@ def read_urls(path: Path) -> list[str]:
 
 
 def _encoder(codec: str, quality: int):  # type: ignore[no-untyped-def]
+    if codec == "simplejpeg":
+        import simplejpeg
+
+        def simple(data: bytes) -> bytes:
+            colour = "GRAY" if simplejpeg.decode_jpeg_header(data)[2] == "Gray" else "RGB"
+            pixels = simplejpeg.decode_jpeg(data, colorspace=colour)
+            sampling = "Gray" if colour == "GRAY" else "420"
+            encoded = simplejpeg.encode_jpeg(
+                pixels, quality, colorspace=colour, colorsubsampling=sampling
+            )
+            return bytes(encoded)
+
+        return simple
     if codec == "opencv":
         import cv2
         import numpy as np
@@ -117,7 +130,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("urls", type=Path)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--codec", choices=("opencv", "pyvips", "pillow"), default="opencv")
+    parser.add_argument(
+        "--codec", choices=("simplejpeg", "opencv", "pyvips", "pillow"), default="simplejpeg"
+    )
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--threads", type=int, default=4, help="threads per process")
     parser.add_argument("--quality", type=int, default=50)

@@ -1,7 +1,8 @@
 """CPU per image of each codec on the corpus: one thread, bytes in memory, no I/O.
 
 Decode + re-encode at quality 50 with pyvips (the libvips of pyvips-binary, which
-pixelmill uses), Pillow and OpenCV (which img2dataset uses), each part alone, and
+pixelmill uses for every image but a JPEG that stays a JPEG), simplejpeg (which it uses
+for those), OpenCV and Pillow (which img2dataset uses), each part alone, and
 pixelmill's whole ``process_image`` and two of its steps. CPU time of the process
 (libvips worker threads included), so other load on the machine matters little.
 Usage: ``.venv/bin/python benchmarks/codecs.py``; writes ``results/codecs.json``.
@@ -24,6 +25,7 @@ def main() -> None:
     import cv2
     import numpy as np
     import pyvips
+    import simplejpeg
     from PIL import Image
 
     from pixelmill.domain import ProcessingOptions
@@ -37,7 +39,18 @@ def main() -> None:
     blobs = [(corpus.build().root / name).read_bytes() for name in corpus.build().files]
     decoded_vips = [pyvips.Image.new_from_buffer(b, "").copy_memory() for b in blobs]
     decoded_cv2 = [cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_UNCHANGED) for b in blobs]
+    spaces = ["GRAY" if simplejpeg.decode_jpeg_header(b)[2] == "Gray" else "RGB" for b in blobs]
+    decoded_simple = [
+        simplejpeg.decode_jpeg(b, colorspace=s) for b, s in zip(blobs, spaces, strict=True)
+    ]
     options, limits = ProcessingOptions(), ImageLimits()
+
+    def simple_decode(i: int) -> object:
+        return simplejpeg.decode_jpeg(blobs[i], colorspace=spaces[i])
+
+    def simple_encode(i: int, pixels: object) -> object:
+        sampling = "Gray" if spaces[i] == "GRAY" else "420"
+        return simplejpeg.encode_jpeg(pixels, 50, colorspace=spaces[i], colorsubsampling=sampling)
 
     def vips_both(i: int) -> object:
         image = pyvips.Image.new_from_buffer(blobs[i], "", access="sequential")
@@ -58,6 +71,9 @@ def main() -> None:
             blobs[i], "", access="sequential"
         ).write_to_memory(),
         "pyvips encode": lambda i: decoded_vips[i].jpegsave_buffer(Q=50),
+        "simplejpeg decode+encode": lambda i: simple_encode(i, simple_decode(i)),
+        "simplejpeg decode": simple_decode,
+        "simplejpeg encode": lambda i: simple_encode(i, decoded_simple[i]),
         "Pillow decode+encode": pillow_both,
         "Pillow decode": lambda i: Image.open(io.BytesIO(blobs[i])).load(),
         "OpenCV decode+encode": lambda i: cv2.imencode(
@@ -85,6 +101,7 @@ def main() -> None:
         print(f"{name:34s} {ms:6.2f} ms CPU per image")
     versions = {
         "libvips": ".".join(str(pyvips.version(i)) for i in range(3)),
+        "simplejpeg": simplejpeg.__version__,
         "opencv": cv2.__version__,
         "pillow": Image.__version__,
     }

@@ -4,12 +4,13 @@ The corpus is the sample photos that pixelmill ships, re-saved at 800 and 1600 p
 the long side at JPEG quality 90, served by a static aiohttp server in a subprocess.
 
 - ``bare``: a thread per core, each decoding and re-encoding at quality 45 with the
-  codec the pipeline uses for these files (OpenCV: they are plain JPEGs that stay
+  codec the pipeline uses for these files (simplejpeg: they are plain JPEGs that stay
   JPEGs), on bytes already in memory: the ceiling, with no fetching, no quality
   estimate and no storing.
 - ``bare-fetch``: the same, but first each image is fetched from the static server
   (the server shares the cores), as the service must: four threads per core, each
   with one keep-alive connection (``http.client``), so that fetches overlap the codec.
+- ``bare-opencv``: ``bare`` with OpenCV, the pipeline's JPEG codec until December 2026.
 - ``bare-pyvips``: ``bare`` with pyvips (one libvips thread per image), the codec of
   every other kind of image.
 - ``inline``: ``InlineImaging.process`` on the URLs (fetch, pipeline, store to disk).
@@ -47,6 +48,7 @@ import cv2
 import httpx
 import numpy as np
 import pyvips
+import simplejpeg
 
 from pixelmill.config import Settings
 from pixelmill.domain import ProcessedImage, ProcessingOptions
@@ -102,6 +104,13 @@ def serve_static(root: str, port: int) -> None:
     app = web.Application()
     app.router.add_static("/", root)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+def recode_simplejpeg(data: bytes) -> int:
+    colour = "GRAY" if simplejpeg.decode_jpeg_header(data)[2] == "Gray" else "RGB"
+    pixels = simplejpeg.decode_jpeg(data, colorspace=colour)
+    sampling = "Gray" if colour == "GRAY" else "420"
+    return len(simplejpeg.encode_jpeg(pixels, 45, colorspace=colour, colorsubsampling=sampling))
 
 
 def recode_opencv(data: bytes) -> int:
@@ -265,12 +274,13 @@ def run(tmp: Path, rounds: int, concurrency: int, repeat: int) -> dict[str, obje
         for size in SIZES:
             urls = [f"http://127.0.0.1:{static_port}/{path.name}" for path in corpus[size]]
             runs: dict[str, list[float]] = {
-                mode: [] for mode in ("bare", "bare-fetch", "bare-pyvips", "inline", "http",
-                                      "http-procs")
+                mode: [] for mode in ("bare", "bare-fetch", "bare-opencv", "bare-pyvips",
+                                      "inline", "http", "http-procs")
             }  # fmt: skip
             for _ in range(repeat):  # interleaved, so that a noisy neighbour hits every mode
-                runs["bare"].append(bare_loop(corpus[size], rounds, recode_opencv))
-                runs["bare-fetch"].append(bare_loop(corpus[size], rounds, recode_opencv, urls))
+                runs["bare"].append(bare_loop(corpus[size], rounds, recode_simplejpeg))
+                runs["bare-fetch"].append(bare_loop(corpus[size], rounds, recode_simplejpeg, urls))
+                runs["bare-opencv"].append(bare_loop(corpus[size], rounds, recode_opencv))
                 runs["bare-pyvips"].append(bare_loop(corpus[size], rounds, recode_pyvips))
                 inline_dir = tmp / f"inline-{size}"
                 runs["inline"].append(

@@ -10,11 +10,12 @@ neighbour or a warm cache hits every one of them alike:
    every 100 ms (those calls' latencies are the status-latency figures);
 3. ``img2dataset``: the same URLs, ``--resize_mode no --encode_quality 50``, 2
    processes, 32 threads, 300 samples per shard, files output (see ``IMG2DATASET``);
-4. ``limit``: ``bare_loop.py`` with OpenCV, the codec pixelmill uses for a JPEG that
+4. ``limit``: ``bare_loop.py`` with simplejpeg, the codec pixelmill uses for a JPEG that
    stays a JPEG (and the fastest here): fetch, decode, encode at quality 50, write; one
    process per core, nothing else;
-5. ``limit-pyvips`` and ``limit-pillow``: the same loop with libvips (pixelmill's codec
-   for everything else) and with Pillow.
+5. ``limit-opencv``, ``limit-pyvips`` and ``limit-pillow``: the same loop with OpenCV
+   (pixelmill's JPEG codec until December 2026), libvips (its codec for everything
+   else) and Pillow (img2dataset's).
 
 For each run: wall time, images/s, CPU seconds per image (the contender's whole
 process tree, from ``getrusage(RUSAGE_CHILDREN)`` deltas; for ``serve``, the server
@@ -25,7 +26,8 @@ one-image CSV.
 
 Writes ``benchmarks/results/throughput.json``, ``throughput.md`` and ``throughput.png``.
 Usage: ``.venv/bin/python benchmarks/throughput.py [--rounds 3] [--images 2400]
-[--contenders process,serve,img2dataset,limit,limit-pyvips,limit-pillow] [--no-write]``.
+[--contenders process,serve,img2dataset,limit,limit-opencv,limit-pyvips,limit-pillow]
+[--no-write]``.
 """
 
 from __future__ import annotations
@@ -58,12 +60,21 @@ from pixelmill import allocator
 RESULTS = Path(__file__).parent / "results"
 WORK = RESULTS / "tmp" / "runs"
 BIN = Path(sys.executable).parent
-CONTENDERS = ("process", "serve", "img2dataset", "limit", "limit-pyvips", "limit-pillow")
+CONTENDERS = (
+    "process",
+    "serve",
+    "img2dataset",
+    "limit",
+    "limit-opencv",
+    "limit-pyvips",
+    "limit-pillow",
+)
 LABELS = {
     "process": "pixelmill process (one-shot)",
     "serve": "pixelmill serve (upload → completed)",
     "img2dataset": "img2dataset",
-    "limit": "limit: bare loop, OpenCV",
+    "limit": "limit: bare loop, simplejpeg",
+    "limit-opencv": "bare loop, OpenCV",
     "limit-pyvips": "bare loop, pyvips",
     "limit-pillow": "bare loop, Pillow",
 }
@@ -312,8 +323,8 @@ class Bench:
         extra = {"exit_code": code, **machine_cpu, **settings}
         return Run("img2dataset", round_, images, wall, cpu, rss, extra)
 
-    def limit(self, round_: int, codec: str = "opencv", url_list: Path | None = None) -> Run:
-        name = "limit" if codec == "opencv" else f"limit-{codec}"
+    def limit(self, round_: int, codec: str = "simplejpeg", url_list: Path | None = None) -> Run:
+        name = "limit" if codec == "simplejpeg" else f"limit-{codec}"
         out = self.fresh(f"{name}-{round_}")
         log = out.parent / f"{name}-{round_}.log"
         wall, cpu, rss, code, machine_cpu = run_command(
@@ -332,6 +343,9 @@ class Bench:
         self.done(out)
         extra = {"exit_code": code, "codec": codec, **machine_cpu}
         return Run(name, round_, images, wall, cpu, rss, extra)
+
+    def limit_opencv(self, round_: int) -> Run:
+        return self.limit(round_, "opencv")
 
     def limit_pyvips(self, round_: int) -> Run:
         return self.limit(round_, "pyvips")
@@ -494,7 +508,7 @@ def startup_costs(bench: Bench, contenders: list[str]) -> dict[str, float]:
     if "img2dataset" in contenders:
         costs["img2dataset"] = bench.img2dataset(0, one_list).wall_s
     if "limit" in contenders:
-        costs["limit"] = bench.limit(0, "opencv", one_list).wall_s
+        costs["limit"] = bench.limit(0, "simplejpeg", one_list).wall_s
     return {name: round(seconds, 2) for name, seconds in costs.items()}
 
 
@@ -527,7 +541,7 @@ def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, float]:
     for mine in ("process", "serve"):
         if mine not in summary:
             continue
-        for other in ("img2dataset", "limit", "limit-pyvips", "limit-pillow"):
+        for other in ("img2dataset", "limit", "limit-opencv", "limit-pyvips", "limit-pillow"):
             if other in summary:
                 rate = summary[mine]["images_per_s"] / summary[other]["images_per_s"]
                 out[f"{mine}/{other}"] = round(rate, 3)
@@ -710,6 +724,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
         "serve": "#4a9ad6",
         "img2dataset": "#ff7f0e",
         "limit": "#7f7f7f",
+        "limit-opencv": "#8c8c8c",
         "limit-pyvips": "#9a9a9a",
         "limit-pillow": "#b5b5b5",
     }

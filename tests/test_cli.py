@@ -158,7 +158,7 @@ def test_a_command_starts_with_the_collector_held_back_and_no_blas_threads() -> 
     probe = (
         "import gc, os, pixelmill.cli, pixelmill.collector as c;"
         "print(gc.get_threshold()[0], os.environ['OPENBLAS_NUM_THREADS']);"
-        "import cv2, numpy;"  # numpy's and OpenCV's BLAS load here, with one thread each
+        "import simplejpeg;"  # numpy, and with it OpenBLAS, load here: one thread
         "print(len(os.listdir('/proc/self/task')));"
         "c.started(); print(gc.get_threshold() == c._NORMAL, gc.get_freeze_count() > 0)"
     )

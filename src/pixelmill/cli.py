@@ -23,9 +23,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# pixelmill does no linear algebra, but numpy (which OpenCV loads) and OpenCV each load
-# OpenBLAS, whose threads spin for about 0.1 s of CPU apiece at start-up; with one
-# thread there are none. Set before any command imports the codecs.
+# pixelmill does no linear algebra, but numpy (which the JPEG codec loads) loads
+# OpenBLAS, whose threads spin for about 0.1 s of CPU at start-up; with one thread
+# there are none. Set before any command imports the codecs.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 collector.hold_back()
 allocator.keep_image_memory()

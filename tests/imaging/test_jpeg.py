@@ -8,6 +8,7 @@ import time
 
 import pytest
 import pyvips
+import simplejpeg
 from PIL import Image, ImageChops, ImageCms, ImageStat, JpegImagePlugin
 
 from pixelmill.domain import ProcessingOptions
@@ -204,7 +205,7 @@ def _header(data: bytes) -> jpeg.JpegHeader:
         ("over 25 MP", False),
     ],
 )
-def test_which_jpegs_take_the_opencv_road(photo: Image.Image, case: str, takes_it: bool) -> None:
+def test_which_jpegs_take_the_short_road(photo: Image.Image, case: str, takes_it: bool) -> None:
     plain = save(photo, quality=90)
     header = _header(plain)
     options = ProcessingOptions()
@@ -338,3 +339,19 @@ def test_bytes_after_the_end_marker_do_not_stop_a_jpeg(photo: Image.Image) -> No
 
     assert (result.width, result.height) == photo.size
     assert result.output_quality == 45
+
+
+def test_a_jpeg_with_corrupt_data_leaves_the_short_road_for_libvips(photo: Image.Image) -> None:
+    data = bytearray(save(photo, quality=90))
+    middle = len(data) // 2
+    data[middle : middle + 64] = b"\xff\xd9" * 32  # end markers inside the image data
+    corrupt = bytes(data)
+    header = _header(corrupt)
+    assert takes_the_jpeg_road(header, ProcessingOptions())  # it still ends with EOI
+    with pytest.raises(ValueError, match="Corrupt JPEG data"):
+        simplejpeg.decode_jpeg(corrupt, colorspace="RGB")
+
+    # libvips decodes what it can, as it does for any damaged JPEG.
+    result = processed(corrupt)
+
+    assert (result.format, result.width, result.height) == ("jpeg", *photo.size)

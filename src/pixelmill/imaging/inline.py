@@ -7,7 +7,6 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import cv2
 import pyvips
 
 from pixelmill.config import Settings
@@ -70,7 +69,6 @@ class InlineImaging:
         # Parallelism comes from one image per thread; codec threads would only contend.
         pyvips.cache_set_max(0)
         pyvips.concurrency_set(1)
-        cv2.setNumThreads(1)
 
     async def process(
         self, source_url: str, options: ProcessingOptions, output_stem: str, *, fresh: bool = False
