@@ -368,8 +368,9 @@ def _jpeg_to_jpeg(
     # Pixels go straight back to the encoder, so any channel order does: RGB.
     colour = "GRAY" if header.components == 1 else "RGB"
     try:
-        pixels = simplejpeg.decode_jpeg(data, colorspace=colour)
-    except ValueError:  # strict: corrupt data is refused rather than decoded with holes
+        # Strict: corrupt data is refused rather than decoded with holes.
+        pixels = simplejpeg.decode_jpeg(data, colorspace=colour, strict=True)
+    except ValueError:
         return None
     if pixels.shape[:2] != (header.height, header.width):
         return None
