@@ -149,8 +149,8 @@ async def _follow(runtime: Runtime, request_id: str, total: int, console: Consol
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    # The images that may still be in flight in all the processes: once no more are
-    # left, a helper may close the request at any moment, and this process looks often.
+    # Once no more images are left than the processes may hold in flight, a helper may
+    # close the request at any moment, so this process looks more often.
     in_flight = runtime.settings.worker_concurrency * runtime.settings.worker_process_count
     # Four refreshes a second: at a terminal, rich's default ten cost 2% of a core (1%).
     with Progress(*columns, console=console, transient=True, refresh_per_second=4) as bar:
