@@ -37,7 +37,7 @@ typecheck: $(STAMP)
 
 # Throughput against img2dataset and the codec limit, the distributed mode against the
 # embedded one (needs PostgreSQL on 127.0.0.1:5432), then the 1M-row ingest and output
-# CSV; results in benchmarks/results/, read in docs/performance.md. Takes about half an hour.
+# CSV; results in benchmarks/results/, read in docs/performance.md. Takes 30-45 minutes.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	NO_ALBUMENTATIONS_UPDATE=1 $(PY) benchmarks/throughput.py
