@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     # Connections per process kept open to the database (PostgreSQL may open as many
     # again at peaks): keep processes x 2 x this under the server's max_connections.
     database_pool_size: int = Field(default=10, ge=1)
+    # SQLite's PRAGMA synchronous: "normal" loses no commit when a process crashes (WAL),
+    # "full" none on a power cut either; "off" is for a database that lives for one run.
+    sqlite_synchronous: Literal["off", "normal", "full"] = "normal"
 
     allow_private_urls: bool = False
     trusted_source_prefixes: Annotated[list[str], NoDecode] = Field(default_factory=list)

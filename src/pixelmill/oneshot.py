@@ -83,6 +83,8 @@ def _local_settings(settings: Settings, state: Path, out: Path) -> Settings:
     return settings.model_copy(
         update={
             "database_url": f"sqlite:///{state / 'pixelmill.db'}",
+            # Deleted at the end of the run, and useless after a crash: never fsynced.
+            "sqlite_synchronous": "off",
             "queue_url": "db://",
             # The images must land in OUT, not in an imaging service's storage.
             "imaging_url": "inline://",

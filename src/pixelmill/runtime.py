@@ -58,7 +58,11 @@ class Runtime:
             from pixelmill.db.migrate import upgrade_async  # Alembic: only where it runs
 
             await upgrade_async(settings.database_url)
-        db = Database(settings.database_url, pool_size=settings.database_pool_size)
+        db = Database(
+            settings.database_url,
+            pool_size=settings.database_pool_size,
+            sqlite_synchronous=settings.sqlite_synchronous,
+        )
         if throwaway:
             async with db.write() as conn:
                 await conn.run_sync(tables.metadata.create_all)

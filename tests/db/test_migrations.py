@@ -24,6 +24,7 @@ from pixelmill.config import Settings
 from pixelmill.db import tables as t
 from pixelmill.db.engine import SQLITE_BUSY_TIMEOUT_MS, Database, async_url
 from pixelmill.db.migrate import alembic_config, upgrade, upgrade_async
+from pixelmill.oneshot import _local_settings
 from pixelmill.runtime import Runtime
 from tests.support.databases import execute_elsewhere, run_async
 
@@ -277,6 +278,29 @@ async def test_sqlite_runs_in_wal_mode_through_database(sqlite_migrated: str) ->
     path = Path(sqlite_migrated.removeprefix("sqlite:///"))
     with closing(sqlite3.connect(path)) as conn, conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+@pytest.mark.parametrize(("setting", "level"), [("normal", 1), ("off", 0), ("full", 2)])
+async def test_sqlite_syncs_as_its_setting_says(
+    sqlite_migrated: str, tmp_path: Path, setting: str, level: int
+) -> None:
+    assert Settings(data_dir=tmp_path).sqlite_synchronous == "normal"
+    settings = Settings(data_dir=tmp_path, database_url=sqlite_migrated, sqlite_synchronous=setting)
+    runtime = await Runtime.open(settings)
+    try:
+        async with runtime.db.read() as conn:
+            assert (await conn.exec_driver_sql("PRAGMA synchronous")).scalar() == level
+        async with runtime.db.write() as conn:
+            assert (await conn.exec_driver_sql("PRAGMA synchronous")).scalar() == level
+    finally:
+        await runtime.close()
+
+
+def test_the_one_shot_database_is_never_synced(tmp_path: Path) -> None:
+    # It is deleted at the end of the run, and of no use after a crash.
+    local = _local_settings(Settings(data_dir=tmp_path), tmp_path / "state", tmp_path / "out")
+    assert local.sqlite_synchronous == "off"
+    assert local.database_url.startswith(f"sqlite:///{tmp_path / 'state'}")
 
 
 async def test_postgresql_reads_are_read_only_snapshots(migrated: str) -> None:

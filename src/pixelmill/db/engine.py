@@ -66,14 +66,17 @@ def async_url(url: str) -> str:
     return parsed.set(drivername=_ASYNC_DRIVERS[backend]).render_as_string(hide_password=False)
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, synchronous: str) -> None:
     # Take over transaction control from the driver so BEGIN is ours to issue.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute(f"PRAGMA synchronous={_SYNCHRONOUS[synchronous]}")
     cursor.close()
+
+
+_SYNCHRONOUS = {"off": "OFF", "normal": "NORMAL", "full": "FULL"}
 
 
 def ensure_sqlite_dir(url: str) -> None:
@@ -134,9 +137,15 @@ def _brief(exc: BaseException) -> str:
 
 
 class Database:
-    """The engines of one database, with ``read()`` and ``write()`` units of work."""
+    """The engines of one database, with ``read()`` and ``write()`` units of work.
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    ``sqlite_synchronous`` is SQLite's ``PRAGMA synchronous`` (``off``, ``normal``,
+    ``full``); other databases ignore it.
+    """
+
+    def __init__(
+        self, url: str, *, pool_size: int = 10, sqlite_synchronous: str = "normal"
+    ) -> None:
         self.url = url
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
         driver_url = async_url(url)
@@ -144,9 +153,11 @@ class Database:
             ensure_sqlite_dir(url)
             # The writers' page cache is large: big uploads update large indexes.
             self.writer = self._sqlite_engine(
-                driver_url, "BEGIN IMMEDIATE", pool_size=2, cache_kib=65536
+                driver_url, "BEGIN IMMEDIATE", sqlite_synchronous, pool_size=2, cache_kib=65536
             )
-            self.reader = self._sqlite_engine(driver_url, "BEGIN", pool_size=pool_size)
+            self.reader = self._sqlite_engine(
+                driver_url, "BEGIN", sqlite_synchronous, pool_size=pool_size
+            )
         else:
             self.writer = create_async_engine(
                 driver_url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
@@ -159,10 +170,16 @@ class Database:
 
     @staticmethod
     def _sqlite_engine(
-        url: str, begin: str, *, pool_size: int, cache_kib: int = 2048
+        url: str, begin: str, synchronous: str, *, pool_size: int, cache_kib: int = 2048
     ) -> AsyncEngine:
+        if synchronous not in _SYNCHRONOUS:
+            raise ValueError(f"sqlite synchronous must be one of {', '.join(_SYNCHRONOUS)}")
         engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+
+        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            _sqlite_pragmas(dbapi_connection, synchronous)
+
+        event.listen(engine.sync_engine, "connect", _pragmas)
 
         def _cache(dbapi_connection: Any, _record: Any) -> None:
             dbapi_connection.cursor().execute(f"PRAGMA cache_size=-{cache_kib}")
