@@ -36,6 +36,10 @@ def _seconds(value: object) -> object:
     return value
 
 
+# SQLite's ``PRAGMA synchronous`` levels that pixelmill offers.
+SqliteSynchronous = Literal["off", "normal", "full"]
+
+
 class Settings(BaseSettings):
     """Every setting of pixelmill, with the embedded defaults of DESIGN.md."""
 
@@ -55,7 +59,7 @@ class Settings(BaseSettings):
     database_pool_size: int = Field(default=10, ge=1)
     # SQLite's PRAGMA synchronous: "normal" loses no commit when a process crashes (WAL),
     # "full" none on a power cut either; "off" is for a database that lives for one run.
-    sqlite_synchronous: Literal["off", "normal", "full"] = "normal"
+    sqlite_synchronous: SqliteSynchronous = "normal"
 
     allow_private_urls: bool = False
     trusted_source_prefixes: Annotated[list[str], NoDecode] = Field(default_factory=list)

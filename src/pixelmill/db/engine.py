@@ -18,12 +18,15 @@ import random
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+if TYPE_CHECKING:
+    from pixelmill.config import SqliteSynchronous
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +69,14 @@ def async_url(url: str) -> str:
     return parsed.set(drivername=_ASYNC_DRIVERS[backend]).render_as_string(hide_password=False)
 
 
-def _sqlite_pragmas(dbapi_connection: Any, synchronous: str) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, synchronous: SqliteSynchronous) -> None:
     # Take over transaction control from the driver so BEGIN is ours to issue.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.execute(f"PRAGMA synchronous={_SYNCHRONOUS[synchronous]}")
+    cursor.execute(f"PRAGMA synchronous={synchronous}")
     cursor.close()
-
-
-_SYNCHRONOUS = {"off": "OFF", "normal": "NORMAL", "full": "FULL"}
 
 
 def ensure_sqlite_dir(url: str) -> None:
@@ -144,7 +144,7 @@ class Database:
     """
 
     def __init__(
-        self, url: str, *, pool_size: int = 10, sqlite_synchronous: str = "normal"
+        self, url: str, *, pool_size: int = 10, sqlite_synchronous: SqliteSynchronous = "normal"
     ) -> None:
         self.url = url
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
@@ -170,10 +170,13 @@ class Database:
 
     @staticmethod
     def _sqlite_engine(
-        url: str, begin: str, synchronous: str, *, pool_size: int, cache_kib: int = 2048
+        url: str,
+        begin: str,
+        synchronous: SqliteSynchronous,
+        *,
+        pool_size: int,
+        cache_kib: int = 2048,
     ) -> AsyncEngine:
-        if synchronous not in _SYNCHRONOUS:
-            raise ValueError(f"sqlite synchronous must be one of {', '.join(_SYNCHRONOUS)}")
         engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
 
         def _pragmas(dbapi_connection: Any, _record: Any) -> None:
