@@ -22,7 +22,9 @@ from pixelmill.csvio import CsvLimits
 from pixelmill.db import deliveries
 from pixelmill.db.ingest import stage_request
 from pixelmill.domain import ProcessingOptions
+from pixelmill.imaging.addresses import AddressPolicy
 from pixelmill.runtime import Runtime
+from pixelmill.webhooks.sender import WebhookSender
 from pixelmill.webhooks.signing import new_secret
 from tests.support.image_host import ImageHost
 from tests.support.receiver import Call, Reply, WebhookReceiver
@@ -419,3 +421,19 @@ async def test_an_attempt_in_flight_at_shutdown_is_handed_back(
     finally:
         await reopened.close()
     assert (row.state, row.attempts, row.lease_token) == ("pending", 0, None), "not counted"
+
+
+async def test_a_receivers_cookie_is_never_sent_with_a_later_delivery(
+    receiver: WebhookReceiver,
+) -> None:
+    """One sender delivers for every client: a receiver's cookie must not travel on."""
+    sender = WebhookSender(AddressPolicy(allow_private=True), timeout=5, user_agent="pixelmill")
+    receiver.answer("sets-a-cookie", Reply(headers={"Set-Cookie": "session=one-client; Path=/"}))
+    try:
+        for path in ("sets-a-cookie", "another-hook"):
+            outcome = await sender.send(receiver.url(path, host="localhost"), b"{}", {})
+            assert outcome.delivered, outcome
+    finally:
+        await sender.close()
+
+    assert [call.headers.get("cookie") for call in receiver.calls("another-hook")] == [None]

@@ -283,6 +283,22 @@ async def test_the_same_resolver_reaches_the_host_when_private_is_allowed(
     assert hits(image_host, "/img/cat.jpg") == before + 1
 
 
+async def test_a_cookie_set_by_a_source_is_never_sent_back(
+    image_host: ImageHost, make_fetcher: MakeFetcher
+) -> None:
+    """One fetcher serves every client: a source's cookie must not follow later fetches."""
+    resolver = StaticResolver({"images.example": ["127.0.0.1"]})
+    fetcher = make_fetcher(PRIVATE_OK, resolver=resolver)
+    origin = f"http://images.example:{image_host.port}"
+    first = len(image_host.cookies)
+
+    body(await fetcher.fetch(f"{origin}/cookie/cat.jpg"))
+    body(await fetcher.fetch(f"{origin}/img/cat.jpg"))
+    body(await fetcher.fetch(f"{origin}/cookie/cat.jpg"))
+
+    assert image_host.cookies[first:] == [None, None, None]
+
+
 async def test_legacy_address_spelling_is_refused_even_when_private_is_allowed(
     image_host: ImageHost, make_fetcher: MakeFetcher
 ) -> None:

@@ -45,6 +45,8 @@ class ImageHost:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.hits: Counter[str] = Counter()
+        # The Cookie header of every request, in arrival order (None: the request had none).
+        self.cookies: list[str | None] = []
         self._flaky_seen: set[str] = set()
         self.gate = threading.Event()
         self.gate.set()
@@ -82,6 +84,7 @@ class ImageHost:
             self.hits[parts.path] += 1
             if parts.query:
                 self.hits[handler.path] += 1
+            self.cookies.append(handler.headers.get("Cookie"))
         segments = parts.path.strip("/").split("/")
         if segments[0] == "gate":
             self.gate.wait(timeout=120)
@@ -89,6 +92,8 @@ class ImageHost:
         kind = segments[0]
         if kind == "img":
             self._send_file(handler, segments[-1])
+        elif kind == "cookie":
+            self._send_file(handler, segments[1], cookie="session=secret-of-one-client; Path=/")
         elif kind == "status":
             self._send(handler, int(segments[1]), b"")
         elif kind == "flaky":
@@ -150,18 +155,26 @@ class ImageHost:
         except OSError:
             pass
 
-    def _send_file(self, handler: BaseHTTPRequestHandler, name: str) -> None:
+    def _send_file(
+        self, handler: BaseHTTPRequestHandler, name: str, cookie: str | None = None
+    ) -> None:
         path = self.root / name
         if not path.is_file():
             self._send(handler, 404, b"not found")
             return
-        self._send(handler, 200, path.read_bytes(), "image/jpeg")
+        self._send(handler, 200, path.read_bytes(), "image/jpeg", cookie)
 
     @staticmethod
     def _send(
-        handler: BaseHTTPRequestHandler, status: int, body: bytes, content_type: str = "text/plain"
+        handler: BaseHTTPRequestHandler,
+        status: int,
+        body: bytes,
+        content_type: str = "text/plain",
+        cookie: str | None = None,
     ) -> None:
         handler.send_response(status)
+        if cookie:
+            handler.send_header("Set-Cookie", cookie)
         handler.send_header("Content-Type", content_type)
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()

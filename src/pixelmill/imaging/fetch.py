@@ -152,6 +152,9 @@ class Fetcher:
                 headers={"User-Agent": self.limits.user_agent, "Accept": "image/*,*/*;q=0.5"},
                 auto_decompress=False,
                 skip_auto_headers=("Accept-Encoding",),
+                # One fetcher serves every client: a cookie one source sets must never
+                # be sent back with another client's fetch.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
             self._sessions[allow_private] = session
         return session

@@ -107,6 +107,9 @@ class WebhookSender:
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
                 headers={"User-Agent": self.user_agent},
                 auto_decompress=False,
+                # Deliveries of every client share this session: no receiver's cookie
+                # may travel with another client's webhook.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 
