@@ -36,6 +36,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -62,7 +63,12 @@ stacks = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(stacks)
 
 RESULTS = throughput.RESULTS
-WORK = RESULTS / "tmp" / "distributed"
+# In RAM when there is room, as in the throughput harness (``default_work_dir`` says why).
+WORK = (
+    RESULTS / "tmp" / "distributed"
+    if throughput.default_work_dir() == throughput.DISK_WORK
+    else throughput.RAM_WORK.with_name("pixelmill-bench-distributed")
+)
 ADMIN_URL = os.environ.get(
     "PIXELMILL_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
@@ -446,7 +452,10 @@ def main() -> None:
         if not args.no_write:
             (RESULTS / "distributed-profile.json").write_text(json.dumps(profiled, indent=2) + "\n")
         return
-    report = run(args.rounds, args.images, args.workers, args.concurrency, args.quiet_wait)
+    try:
+        report = run(args.rounds, args.images, args.workers, args.concurrency, args.quiet_wait)
+    finally:
+        shutil.rmtree(WORK, ignore_errors=True)
     for name, row in report["summary"].items():
         print(
             f"{name:<11} {row['images_per_s']:7.1f} images/s (runs {row['images_per_s_runs']})"
