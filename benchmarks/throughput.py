@@ -17,6 +17,9 @@ neighbour or a warm cache hits every one of them alike:
    (pixelmill's JPEG codec until December 2026), libvips (its codec for everything
    else) and Pillow (img2dataset's).
 
+Every contender writes its output, and its temporary files (``TMPDIR``), under
+``/dev/shm`` when it has room (``--work-dir`` to choose; ``default_work_dir`` says why).
+
 For each run: wall time, images/s, CPU seconds per image (the contender's whole
 process tree, from ``getrusage(RUSAGE_CHILDREN)`` deltas; for ``serve``, the server
 process's CPU time over the measured window) and peak RSS (the sum over the process
@@ -243,8 +246,8 @@ def run_command(
 def default_work_dir() -> Path:
     """Where the contenders write: a RAM-backed folder when there is one with room.
 
-    Every contender but img2dataset's shards writes a file per image, and on a disk
-    that file's cost depends on the file system's history: on this VM's ext4 (no
+    Every contender writes a file per image (img2dataset a ``.json`` beside it), and on
+    a disk that file's cost depends on the file system's history: on this VM's ext4 (no
     journal), creating 2,400 files took 65 µs each in a fresh folder and 400 µs each
     right after 2,400 others were deleted, which every run's clean-up does. In RAM it
     is 45 µs, whatever came before, so no contender pays for its predecessor.
