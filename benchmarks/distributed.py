@@ -63,12 +63,8 @@ stacks = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(stacks)
 
 RESULTS = throughput.RESULTS
-# In RAM when there is room, as in the throughput harness (``default_work_dir`` says why).
-WORK = (
-    RESULTS / "tmp" / "distributed"
-    if throughput.default_work_dir() == throughput.DISK_WORK
-    else throughput.RAM_WORK.with_name("pixelmill-bench-distributed")
-)
+# Beside the throughput harness's folder: in RAM when there is room (``default_work_dir``).
+WORK = throughput.default_work_dir().with_name("pixelmill-bench-distributed")
 ADMIN_URL = os.environ.get(
     "PIXELMILL_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
@@ -142,7 +138,7 @@ class Cluster:
         bootstrap = f"127.0.0.1:{broker_port}"
         database_url = ADMIN_URL.rsplit("/", 1)[0] + f"/{self.database}"
         self.env = {
-            **throughput.base_env(),
+            **throughput.base_env(folder.parent),  # TMPDIR beside the files, as for embedded
             "PIXELMILL_DATA_DIR": str(folder / "data"),
             "PIXELMILL_DATABASE_URL": database_url,
             "PIXELMILL_QUEUE_URL": (

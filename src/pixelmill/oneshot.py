@@ -163,9 +163,13 @@ async def _follow(runtime: Runtime, request_id: str, total: int, console: Consol
             bar.update(task, completed=done)
             if row.finished_at is not None:
                 return row
-            # This process's worker may close the request (then at once), or a helper:
-            # once every image is done, only the output CSV is left, a few tens of ms.
-            pause = 0.02 if done >= total else 0.1 if total - done <= in_flight else 0.25
+            # This process's worker may close the request (then at once), or a helper.
+            if done >= total:
+                pause = 0.02  # only the output CSV is left: a few tens of ms
+            elif total - done <= in_flight:
+                pause = 0.1
+            else:
+                pause = 0.25
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(pause):
                     await runtime.request_closed.wait()
