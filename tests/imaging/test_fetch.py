@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+import trustme
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from pixelmill.domain import ErrorCode, ImageFailure
@@ -311,6 +313,108 @@ async def test_legacy_address_spelling_is_refused_even_when_private_is_allowed(
     assert refused.code == ErrorCode.INVALID_URL
     assert "127.0.0.1" in refused.message
     assert total_hits(image_host) == before
+
+
+# --- TLS ----------------------------------------------------------------------------
+
+TlsHost = Callable[[str], ImageHost]
+
+
+@pytest.fixture(scope="module")
+def authority() -> trustme.CA:
+    """A private certificate authority, trusted only by the fetchers that are told to."""
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_host(corpus: Path, authority: trustme.CA) -> Iterator[TlsHost]:
+    """Starts an HTTPS image host on loopback whose certificate names the given host."""
+    started: list[ImageHost] = []
+
+    def start(certified_name: str) -> ImageHost:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        authority.issue_cert(certified_name).configure_cert(context)
+        host = ImageHost(corpus, tls=context).start()
+        started.append(host)
+        return host
+
+    yield start
+    for host in started:
+        host.stop()
+
+
+def trusting(authority: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    authority.configure_trust(context)
+    return context
+
+
+async def test_https_goes_to_the_checked_address_under_the_urls_name(
+    tls_host: TlsHost, authority: trustme.CA, corpus: Path, make_fetcher: MakeFetcher
+) -> None:
+    """The address dialled is the one resolved and checked; the TLS server name, the
+    certificate check and the Host header all keep the URL's host name."""
+    host = tls_host("images.example")
+    resolver = StaticResolver({"images.example": ["127.0.0.1"]})
+    fetcher = make_fetcher(PRIVATE_OK, resolver=resolver, tls=trusting(authority))
+    url = f"https://images.example:{host.port}/img/cat.jpg"
+
+    fetched = body(await fetcher.fetch(url))
+
+    assert fetched.data == (corpus / "cat.jpg").read_bytes()
+    assert fetched.url == url
+    assert resolver.asked == ["images.example"]
+    assert host.server_names == ["images.example"]
+    assert host.host_headers == [f"images.example:{host.port}"]
+
+
+async def test_https_to_a_certificate_for_another_name_is_a_connect_error(
+    tls_host: TlsHost, authority: trustme.CA, make_fetcher: MakeFetcher
+) -> None:
+    host = tls_host("other.example")
+    resolver = StaticResolver({"images.example": ["127.0.0.1"]})
+    fetcher = make_fetcher(PRIVATE_OK, resolver=resolver, tls=trusting(authority))
+
+    failed = failure(await fetcher.fetch(f"https://images.example:{host.port}/img/cat.jpg"))
+
+    assert failed.code == ErrorCode.CONNECT_ERROR
+    assert "certificate" in failed.message.lower(), failed.message
+    assert total_hits(host) == 0, "no request may be sent over an unverified connection"
+
+
+async def test_https_to_an_unknown_authority_is_a_connect_error(
+    tls_host: TlsHost, make_fetcher: MakeFetcher
+) -> None:
+    """By default only the system's authorities are trusted, never a private one."""
+    host = tls_host("images.example")
+    resolver = StaticResolver({"images.example": ["127.0.0.1"]})
+
+    failed = failure(
+        await make_fetcher(PRIVATE_OK, resolver=resolver).fetch(
+            f"https://images.example:{host.port}/img/cat.jpg"
+        )
+    )
+
+    assert failed.code == ErrorCode.CONNECT_ERROR
+    assert "certificate" in failed.message.lower(), failed.message
+    assert total_hits(host) == 0
+
+
+async def test_https_name_resolving_to_loopback_is_refused_before_the_handshake(
+    tls_host: TlsHost, authority: trustme.CA, make_fetcher: MakeFetcher
+) -> None:
+    host = tls_host("images.example")
+    resolver = StaticResolver({"images.example": ["127.0.0.1"]})
+
+    refused = failure(
+        await make_fetcher(resolver=resolver, tls=trusting(authority)).fetch(
+            f"https://images.example:{host.port}/img/cat.jpg"
+        )
+    )
+
+    assert refused.code == ErrorCode.FORBIDDEN_ADDRESS, refused.message
+    assert host.server_names == [], "no TLS handshake may begin"
+    assert total_hits(host) == 0
 
 
 # --- trusted prefixes ----------------------------------------------------------------

@@ -14,12 +14,14 @@ Routes:
 - ``/redirect/N/NAME``: N redirects, then NAME.
 - ``/to?url=URL``: a redirect to URL.
 Every request is counted by path (and by path with query), so tests can tell what was
-(not) fetched.
+(not) fetched. Given a server-side TLS context, it speaks HTTPS and records the server
+name (SNI) of every handshake.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -42,11 +44,14 @@ class _Server(ThreadingHTTPServer):
 class ImageHost:
     """Starts on a free port in a thread; ``url(path)`` builds URLs to it."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tls: ssl.SSLContext | None = None) -> None:
         self.root = root
         self.hits: Counter[str] = Counter()
         # The Cookie header of every request, in arrival order (None: the request had none).
         self.cookies: list[str | None] = []
+        # The Host header of every request, and the server name of every TLS handshake.
+        self.host_headers: list[str | None] = []
+        self.server_names: list[str | None] = []
         self._flaky_seen: set[str] = set()
         self.gate = threading.Event()
         self.gate.set()
@@ -65,6 +70,10 @@ class ImageHost:
         self.server = _Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
+        if tls is not None:
+            tls.sni_callback = self._record_server_name
+            # A handshake the client gives up on fails in accept(), and is dropped there.
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def start(self) -> ImageHost:
@@ -78,6 +87,12 @@ class ImageHost:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
 
+    def _record_server_name(
+        self, _socket: ssl.SSLObject, server_name: str | None, _context: ssl.SSLContext
+    ) -> None:
+        with self._lock:
+            self.server_names.append(server_name)
+
     def _serve(self, handler: BaseHTTPRequestHandler) -> None:
         parts = urlsplit(handler.path)
         with self._lock:
@@ -85,6 +100,7 @@ class ImageHost:
             if parts.query:
                 self.hits[handler.path] += 1
             self.cookies.append(handler.headers.get("Cookie"))
+            self.host_headers.append(handler.headers.get("Host"))
         segments = parts.path.strip("/").split("/")
         if segments[0] == "gate":
             self.gate.wait(timeout=120)

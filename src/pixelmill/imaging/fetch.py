@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -113,6 +114,8 @@ class Fetcher:
 
     ``trusted_prefixes`` are URL prefixes that may be fetched even from private
     addresses (the sample photos of ``serve``); every other URL obeys the policy.
+    ``tls`` replaces the default TLS context (the system's certificate authorities,
+    or those of ``SSL_CERT_FILE``), e.g. to trust a private authority.
     """
 
     def __init__(
@@ -122,12 +125,14 @@ class Fetcher:
         *,
         trusted_prefixes: tuple[str, ...] = (),
         resolver: AbstractResolver | None = None,
+        tls: ssl.SSLContext | None = None,
         pool_size: int = 100,
     ) -> None:
         self.policy = policy
         self.limits = limits
         self._trusted_prefixes = tuple(URL(prefix) for prefix in trusted_prefixes)
         self._resolver = resolver
+        self._tls = tls
         self._pool_size = pool_size
         self._sessions: dict[bool, aiohttp.ClientSession] = {}
 
@@ -138,6 +143,7 @@ class Fetcher:
             policy = AddressPolicy(allow_private=allow_private)
             connector = aiohttp.TCPConnector(
                 resolver=GuardedResolver(policy, self._resolver),
+                ssl=self._tls if self._tls is not None else True,
                 limit=self._pool_size,
                 ttl_dns_cache=60,
             )
