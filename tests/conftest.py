@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 
 from pixelmill.config import Settings
 from tests.support.backends import MATRIX, Backend
@@ -37,6 +38,13 @@ def image_host(corpus: Path) -> Iterator[ImageHost]:
     host = ImageHost(corpus).start()
     yield host
     host.stop()
+
+
+@pytest.fixture(scope="session")
+def authority() -> trustme.CA:
+    """A private certificate authority for HTTPS servers on loopback; only the clients
+    given a context that trusts it (tests/support/tls.py) accept its certificates."""
+    return trustme.CA()
 
 
 # Suites that never open a database (the imaging service is stateless): one pass only.

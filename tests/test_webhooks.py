@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from pixelmill.config import Settings
 from pixelmill.csvio import CsvLimits
@@ -28,7 +29,9 @@ from pixelmill.webhooks.sender import WebhookSender
 from pixelmill.webhooks.signing import new_secret
 from tests.support.image_host import ImageHost
 from tests.support.receiver import Call, Reply, WebhookReceiver
+from tests.support.resolver import StaticResolver
 from tests.support.server import ServeProcess
+from tests.support.tls import server_context, trusting
 from tests.support.waiting import async_wait_until, wait_until
 
 SECRET = new_secret()
@@ -437,3 +440,57 @@ async def test_a_receivers_cookie_is_never_sent_with_a_later_delivery(
         await sender.close()
 
     assert [call.headers.get("cookie") for call in receiver.calls("another-hook")] == [None]
+
+
+async def test_an_https_webhook_goes_to_the_checked_address_under_its_name(
+    authority: trustme.CA,
+) -> None:
+    """The address dialled is the one resolved and checked; the TLS server name, the
+    certificate check and the Host header keep the webhook URL's host name."""
+    receiver = WebhookReceiver(tls=server_context(authority, "hooks.example")).start()
+    resolver = StaticResolver({"hooks.example": ["127.0.0.1"]})
+    sender = WebhookSender(
+        AddressPolicy(allow_private=True),
+        timeout=5,
+        user_agent="pixelmill",
+        resolver=resolver,
+        tls=trusting(authority),
+    )
+    try:
+        outcome = await sender.send(f"https://hooks.example:{receiver.port}/done", b"{}", {})
+    finally:
+        await sender.close()
+        receiver.stop()
+
+    assert outcome.delivered, outcome
+    assert resolver.asked == ["hooks.example"]
+    assert receiver.server_names == ["hooks.example"]
+    assert [call.headers["host"] for call in receiver.calls("done")] == [
+        f"hooks.example:{receiver.port}"
+    ]
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["another-name", "unknown-authority"])
+async def test_an_https_webhook_without_a_valid_certificate_is_not_sent(
+    authority: trustme.CA, trusted: bool
+) -> None:
+    """A certificate for another name, or from an authority the system does not trust,
+    fails the attempt before any byte of the body leaves."""
+    certified = "other.example" if trusted else "hooks.example"
+    receiver = WebhookReceiver(tls=server_context(authority, certified)).start()
+    sender = WebhookSender(
+        AddressPolicy(allow_private=True),
+        timeout=5,
+        user_agent="pixelmill",
+        resolver=StaticResolver({"hooks.example": ["127.0.0.1"]}),
+        tls=trusting(authority) if trusted else None,
+    )
+    try:
+        outcome = await sender.send(f"https://hooks.example:{receiver.port}/done", b"{}", {})
+    finally:
+        await sender.close()
+        receiver.stop()
+
+    assert not outcome.delivered
+    assert outcome.error is not None and "certificate" in outcome.error.lower(), outcome
+    assert receiver.calls("done") == []

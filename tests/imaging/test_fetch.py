@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -17,12 +16,13 @@ from urllib.parse import quote
 
 import pytest
 import trustme
-from aiohttp.abc import AbstractResolver, ResolveResult
 
 from pixelmill.domain import ErrorCode, ImageFailure
 from pixelmill.imaging.addresses import AddressPolicy, parse_ip
 from pixelmill.imaging.fetch import FetchedBody, Fetcher, FetchLimits, FetchOutcome
 from tests.support.image_host import ImageHost
+from tests.support.resolver import StaticResolver
+from tests.support.tls import server_context, trusting
 
 DEFAULT = AddressPolicy()
 PRIVATE_OK = AddressPolicy(allow_private=True)
@@ -70,35 +70,6 @@ def body(outcome: FetchOutcome) -> FetchedBody:
 def failure(outcome: FetchOutcome) -> ImageFailure:
     assert isinstance(outcome, ImageFailure), f"expected a failure, got {describe(outcome)}"
     return outcome
-
-
-class StaticResolver(AbstractResolver):
-    """A resolver with a fixed table, that records every host it is asked about."""
-
-    def __init__(self, table: dict[str, list[str]]) -> None:
-        self.table = table
-        self.asked: list[str] = []
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        self.asked.append(host)
-        if host not in self.table:
-            raise OSError(socket.EAI_NONAME, f"{host} is not in the table")
-        return [
-            ResolveResult(
-                hostname=host,
-                host=address,
-                port=port,
-                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
-                proto=0,
-                flags=socket.AI_NUMERICHOST,
-            )
-            for address in self.table[host]
-        ]
-
-    async def close(self) -> None:
-        pass
 
 
 # --- success -------------------------------------------------------------------------
@@ -320,33 +291,19 @@ async def test_legacy_address_spelling_is_refused_even_when_private_is_allowed(
 TlsHost = Callable[[str], ImageHost]
 
 
-@pytest.fixture(scope="module")
-def authority() -> trustme.CA:
-    """A private certificate authority, trusted only by the fetchers that are told to."""
-    return trustme.CA()
-
-
 @pytest.fixture
 def tls_host(corpus: Path, authority: trustme.CA) -> Iterator[TlsHost]:
     """Starts an HTTPS image host on loopback whose certificate names the given host."""
     started: list[ImageHost] = []
 
     def start(certified_name: str) -> ImageHost:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        authority.issue_cert(certified_name).configure_cert(context)
-        host = ImageHost(corpus, tls=context).start()
+        host = ImageHost(corpus, tls=server_context(authority, certified_name)).start()
         started.append(host)
         return host
 
     yield start
     for host in started:
         host.stop()
-
-
-def trusting(authority: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    authority.configure_trust(context)
-    return context
 
 
 async def test_https_goes_to_the_checked_address_under_the_urls_name(

@@ -2,12 +2,14 @@
 
 ``answer(path, Reply(503), Reply(503))`` makes the first two calls to ``path`` answer
 503; once the script of a path is used up, it answers 200. ``Reply(hang=True)`` keeps
-the connection open without answering until the receiver stops.
+the connection open without answering until the receiver stops. Given a server-side
+TLS context, it speaks HTTPS and records the server name (SNI) of every handshake.
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,8 +41,9 @@ class Call:
 class WebhookReceiver:
     """Starts on a free port in a thread; ``url(path)`` builds URLs to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self._calls: list[Call] = []
+        self.server_names: list[str | None] = []
         self._script: dict[str, list[Reply]] = {}
         self._lock = threading.Lock()
         self._released = threading.Event()
@@ -60,7 +63,17 @@ class WebhookReceiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
+        if tls is not None:
+            tls.sni_callback = self._record_server_name
+            # A handshake the client gives up on fails in accept(), and is dropped there.
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _record_server_name(
+        self, _socket: ssl.SSLObject, server_name: str | None, _context: ssl.SSLContext
+    ) -> None:
+        with self._lock:
+            self.server_names.append(server_name)
 
     def start(self) -> WebhookReceiver:
         self._thread.start()

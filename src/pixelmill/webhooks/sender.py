@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -81,7 +82,11 @@ async def resolved_refusal(
 
 
 class WebhookSender:
-    """Posts webhook bodies with pooled connections; every failure comes back as a value."""
+    """Posts webhook bodies with pooled connections; every failure comes back as a value.
+
+    ``tls`` replaces the default TLS context (the system's certificate authorities, or
+    those of ``SSL_CERT_FILE``).
+    """
 
     def __init__(
         self,
@@ -90,17 +95,21 @@ class WebhookSender:
         timeout: float,
         user_agent: str,
         resolver: AbstractResolver | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.policy = policy
         self.timeout = timeout
         self.user_agent = user_agent
         self._resolver = resolver
+        self._tls = tls
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
-                resolver=GuardedResolver(self.policy, self._resolver), limit=100
+                resolver=GuardedResolver(self.policy, self._resolver),
+                ssl=self._tls if self._tls is not None else True,
+                limit=100,
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
