@@ -81,3 +81,33 @@ def test_kept_source_carries_no_metadata() -> None:
     assert b"SecretCam" not in result.data and b"private note" not in result.data
     assert (result.width, result.height) == (48, 64), "displayed size, orientation applied"
     assert len(result.data) < len(source)
+
+
+def _webp(exif: bytes | None = None) -> bytes:
+    image = Image.effect_noise((32, 24), 60).convert("RGB")
+    out = io.BytesIO()
+    image.save(out, "WEBP", quality=30, **({"exif": exif} if exif else {}))
+    return out.getvalue()
+
+
+def test_a_webp_without_metadata_is_kept_as_it_is() -> None:
+    source = _webp()
+    assert without_metadata(source, "webp") == source
+
+
+def test_a_webp_with_exif_is_never_kept() -> None:
+    """WebP's metadata chunks cannot be dropped without rewriting its headers."""
+    exif = Image.Exif()
+    exif[0x010F] = "SecretCam"
+    source = _webp(exif.tobytes())
+    assert b"SecretCam" in source
+    assert without_metadata(source, "webp") is None
+
+
+def test_a_rotated_png_or_webp_and_any_avif_are_never_kept() -> None:
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, "PNG")
+    assert without_metadata(png.getvalue(), "png", orientation=6) is None
+    assert without_metadata(_webp(), "webp", orientation=3) is None
+    avif = pyvips.Image.black(8, 8).heifsave_buffer(compression="av1")
+    assert without_metadata(avif, "avif") is None
