@@ -557,6 +557,20 @@ def test_source_is_not_kept_when_a_change_was_asked(tiny_jpeg: bytes) -> None:
     assert decoded_size(smaller.data) == (8, 8)
 
 
+@pytest.mark.parametrize("fmt", ["png", "webp"])
+def test_another_format_is_stored_even_when_larger_than_the_source(fmt: str) -> None:
+    """Noise at JPEG quality 10 grows as a PNG or as WebP at quality 100: the format
+    asked for is still what is stored, not the smaller source."""
+    noise = encode(Image.effect_noise((128, 128), 90).convert("RGB"), "JPEG", quality=10)
+
+    result = ok(run(noise, format=fmt, quality=100))
+
+    assert len(result.data) > len(noise), "the premise: this encoding is larger"
+    assert not result.kept_source
+    assert result.format == fmt
+    assert sniff_format(result.data) == fmt
+
+
 def test_output_is_never_larger_than_the_source_when_nothing_else_changes(
     corpus: Path, tiny_jpeg: bytes
 ) -> None:

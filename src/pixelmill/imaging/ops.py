@@ -414,11 +414,16 @@ def _never_larger(
     The stripped source is compared with the re-encoded image, so an output is never
     larger than the source except where stripping is impossible (below).
 
-    Not when the source had to be shrunk to fit the size bounds, nor for formats whose
-    metadata cannot be removed losslessly (GIF, TIFF, BMP, HEIF, WebP with EXIF/XMP).
+    Not when another format was asked for, nor when the source had to be shrunk to fit
+    the size bounds, nor for formats whose metadata cannot be removed losslessly (GIF,
+    TIFF, BMP, HEIF, WebP with EXIF/XMP).
     A JPEG keeps its EXIF orientation, alone, so it is still displayed upright.
     """
-    source_fits = output_size == source_size and len(encoded) >= kept_at_least
+    source_fits = (
+        output_format == source_format
+        and output_size == source_size
+        and len(encoded) >= kept_at_least
+    )
     kept = without_metadata(data, source_format, orientation) if source_fits else None
     if kept is not None and len(kept) <= len(encoded):
         return EncodedImage(
