@@ -307,6 +307,66 @@ def test_malformed_csv_is_422_with_its_line() -> None:
     assert [p.line for p in error.problems] == [3]
 
 
+def test_a_quote_left_open_is_named_by_the_line_it_opens_on() -> None:
+    """The reader only notices at the end of the file; the mistake is where it began."""
+    error = rejected(
+        lines(HEADER, '1,"Cup,http://a/1.jpg', "2,Mug,http://a/2.jpg", "3,Pot,http://a/3.jpg")
+    )
+    assert error.code == "invalid_csv"
+    assert [p.line for p in error.problems] == [2]
+    assert "line 2" in error.message and "to line 4" in error.message, error.message
+
+
+def test_a_header_over_several_lines_is_named_by_its_first_line() -> None:
+    error = rejected(lines("", '"S. No.', '",Name,Input Image Urls', "1,A,http://a/1.jpg"))
+    assert error.code == "invalid_header"
+    assert {p.line for p in error.problems} == {2}
+
+
+def test_the_header_line_is_its_physical_line() -> None:
+    """Where a file with a header and no rows is refused (by the ingest) points."""
+    reader = CsvReader(io.BytesIO(lines("", "", "", HEADER, "")))
+    assert reader.header_line == 4
+    assert list(reader.rows()) == []
+
+
+def test_cells_up_to_the_cell_limit_are_passed_through() -> None:
+    description = "x" * 200_000  # longer than the csv module's default limit
+    _, rows = read(lines(HEADER + ",Description", f"1,Mug,http://a/1.jpg,{description}"))
+    assert rows[0].cells[3] == description and not rows[0].problems
+
+
+def test_a_cell_over_the_cell_limit_is_refused_with_its_line() -> None:
+    too_long = "x" * (csvio.MAX_CELL_CHARS + 1)
+    error = rejected(
+        lines(HEADER + ",Description", "1,Mug,http://a/1.jpg", f"2,Pot,http://a/2.jpg,{too_long}")
+    )
+    assert error.code == "invalid_csv"
+    assert [p.line for p in error.problems] == [3]
+    assert f"{csvio.MAX_CELL_CHARS:,} characters" in error.message, error.message
+
+
+def test_serial_numbers_of_any_length_are_compared_as_integers() -> None:
+    huge = "1" * 5000  # past the interpreter's limit on converting digits to int
+    _, rows = read(
+        lines(
+            HEADER,
+            f"{huge},A,http://a/1.jpg",
+            f"+000{huge},B,http://a/2.jpg",
+            f"-{huge},C,http://a/3.jpg",
+            "007,D,http://a/4.jpg",
+            "+7,E,http://a/5.jpg",
+        )
+    )
+    found = problems_of(rows)
+    assert [(line, message) for line, _, message in found] == [
+        (3, "serial number is used by an earlier row"),
+        (6, "serial number is used by an earlier row"),
+    ]
+    duplicate = rows[1].problems[0]
+    assert duplicate.value is not None and len(duplicate.value) <= 80
+
+
 # --- row problems --------------------------------------------------------------------
 
 

@@ -128,3 +128,52 @@ async def test_bad_file_is_refused_by_process(
     code = await asyncio.to_thread(process_file, settings, BAD / name, out, Console(quiet=True))
     assert code == 2
     assert not (out / "output.csv").exists()
+
+
+def test_a_header_without_rows_is_refused_at_the_header_line(client: TestClient) -> None:
+    body = b"\n\n\nS. No.,Product Name,Input Image Urls\n\n"
+    response = client.post("/upload", files={"file": ("p.csv", body)})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "empty_csv"
+    assert [detail["line"] for detail in error["details"]] == [4]
+
+
+@pytest.mark.parametrize(
+    ("files", "headers"),
+    [
+        ([("file", ("a.csv", GOOD)), ("file", ("b.csv", GOOD))], {}),
+        ([("file", ("a.csv", GOOD)), ("other", ("b.csv", GOOD))], {}),
+        (None, {"Content-Type": "multipart/form-data"}),  # no boundary
+    ],
+    ids=["two-files", "a-second-file-part", "no-boundary"],
+)
+def test_a_multipart_body_that_cannot_be_read_is_a_400_with_its_code(
+    client: TestClient, files: list[tuple[str, tuple[str, bytes]]] | None, headers: dict[str, str]
+) -> None:
+    if files is None:
+        response = client.post("/api/v1/requests", content=GOOD, headers=headers)
+    else:
+        response = client.post("/api/v1/requests", files=files)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_multipart"
+    assert "file" in error["message"]
+    assert _stored(client) == 0
+
+
+@pytest.mark.parametrize("path", ["/api/v1/requests", "/api/v1/requests/{id}/products"])
+def test_an_offset_beyond_any_total_gives_an_empty_page_or_a_422(
+    client: TestClient, path: str
+) -> None:
+    accepted = client.post("/upload", files={"file": ("p.csv", GOOD)}).json()
+    url = path.format(id=accepted["request_id"])
+    largest = 2**53 - 1
+
+    page = client.get(url, params={"offset": largest})
+    beyond = client.get(url, params={"offset": 2**63})
+
+    assert page.status_code == 200, page.text
+    assert page.json()["items"] == [] and page.json()["offset"] == largest
+    assert beyond.status_code == 422, beyond.text
+    assert beyond.json()["error"]["code"] == "invalid_request"

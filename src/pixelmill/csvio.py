@@ -33,6 +33,9 @@ _HEADER_LABELS = {
     INPUT_URLS: "Input Image Urls",
 }
 MAX_URL_LENGTH = 2048
+# The longest cell read, in characters: room for long product descriptions in passed-
+# through columns (the csv module's own default, 131,072, is not).
+MAX_CELL_CHARS = 1 << 20
 MAX_PROBLEMS = 100
 _VALUE_PREVIEW = 80
 _FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
@@ -47,6 +50,17 @@ _NOT_TEXT_MAGIC = {
 }
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 _EXPORT_HINT = "export the sheet as 'CSV UTF-8 (comma delimited)'"
+
+
+def _serial_key(serial: str) -> int | str:
+    """The value that two serial numbers share when they are the same integer (``007``
+    and ``+7``): an int when short (a fraction of a string's memory), else the digits
+    without sign or leading zeros, which no conversion limit applies to."""
+    if len(serial) <= 18:
+        return int(serial)
+    sign = "-" if serial[0] == "-" else ""
+    digits = serial.lstrip("+-").lstrip("0")
+    return sign + digits if digits else 0
 
 
 def normalise_header(name: str) -> str:
@@ -220,30 +234,47 @@ class CsvReader:
         self._text = io.TextIOWrapper(
             buffered, encoding="utf-8-sig", errors="surrogateescape", newline=""
         )
+        csv.field_size_limit(MAX_CELL_CHARS)  # the module's setting: the same for every reader
         self._reader = csv.reader(_checked_lines(self._text), strict=True)
         self.header: list[str] = []
+        self.header_line = 1
         self.columns: dict[str, int] = {}
         self._read_header()
 
-    def _next_record(self) -> list[str] | None:
+    def _next_record(self) -> tuple[int, list[str]] | None:
+        """The next record and the physical line it starts on, or None at the end."""
+        start = self._reader.line_num + 1
         try:
-            return next(self._reader)
+            return start, next(self._reader)
         except StopIteration:
             return None
         except csv.Error as exc:
-            line = self._reader.line_num
+            reached = self._reader.line_num
+            if "field larger than field limit" in str(exc):
+                message = f"a cell is longer than {MAX_CELL_CHARS:,} characters"
+                raise CsvRejected(
+                    422,
+                    "invalid_csv",
+                    f"line {start}: {message}, the longest a cell may be",
+                    [CsvProblem(start, None, message)],
+                ) from None
+            # A quote left open runs on to a later line, often the end of the file: the
+            # record is named by the line it starts on, where the mistake is.
+            spans = ""
+            if reached > start:
+                spans = f" (the record runs from line {start} to line {reached})"
             raise CsvRejected(
                 422,
                 "invalid_csv",
-                f"line {line}: the file is not well-formed CSV ({exc})",
-                [CsvProblem(line, None, f"malformed CSV: {exc}")],
+                f"line {start}: the file is not well-formed CSV ({exc}){spans}",
+                [CsvProblem(start, None, f"malformed CSV: {exc}{spans}")],
             ) from None
 
     def _read_header(self) -> None:
-        record = self._next_record()
-        while record is not None and not _has_content(record):
-            record = self._next_record()
-        if record is None:
+        found_record = self._next_record()
+        while found_record is not None and not _has_content(found_record[1]):
+            found_record = self._next_record()
+        if found_record is None:
             raise CsvRejected(
                 422,
                 "empty_csv",
@@ -251,7 +282,8 @@ class CsvReader:
                 "'S. No.', 'Product Name' and 'Input Image Urls'",
                 [CsvProblem(1, None, "empty file")],
             )
-        line = self._reader.line_num
+        line, record = found_record
+        self.header_line = line
         self.header = [cell.strip() for cell in record]
         problems: list[CsvProblem] = []
         for key, aliases in _HEADER_ALIASES.items():
@@ -272,13 +304,13 @@ class CsvReader:
     def rows(self) -> Iterator[ParsedRow]:
         """Every non-blank row in file order, each with the problems found in it."""
         index = 0
-        seen_serials: set[int] = set()  # ints: a fraction of the memory of strings
+        seen_serials: set[int | str] = set()
         width = len(self.header)
         while True:
-            start_line = self._reader.line_num + 1
-            record = self._next_record()
-            if record is None:
+            found_record = self._next_record()
+            if found_record is None:
                 return
+            start_line, record = found_record
             if not _has_content(record):
                 continue
             if index >= self.limits.max_rows:
@@ -293,7 +325,7 @@ class CsvReader:
             yield row
 
     def _parse_row(
-        self, index: int, line: int, record: list[str], width: int, seen_serials: set[int]
+        self, index: int, line: int, record: list[str], width: int, seen_serials: set[int | str]
     ) -> ParsedRow:
         problems: list[CsvProblem] = []
         if len(record) > width:
@@ -310,9 +342,11 @@ class CsvReader:
             problems.append(
                 CsvProblem(line, "S. No.", "serial number is not an integer", _preview(serial))
             )
-        elif (number := int(serial)) in seen_serials:
+        elif (number := _serial_key(serial)) in seen_serials:
             problems.append(
-                CsvProblem(line, "S. No.", "serial number is used by an earlier row", serial)
+                CsvProblem(
+                    line, "S. No.", "serial number is used by an earlier row", _preview(serial)
+                )
             )
         else:
             seen_serials.add(number)

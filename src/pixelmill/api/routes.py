@@ -29,6 +29,10 @@ from pixelmill.webhooks.payload import finished_event
 
 router = APIRouter()
 
+# The largest page offset taken: far past any real total, and an integer that every
+# JSON reader and both databases hold exactly.
+MAX_OFFSET = 2**53 - 1
+
 _UPLOAD_DOC = {
     "requestBody": {
         "content": {
@@ -117,7 +121,7 @@ async def classic_upload(request: Request, runtime: RuntimeDep, owner: OwnerDep)
 async def list_requests(
     runtime: RuntimeDep,
     owner: OwnerDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> RequestPage:
     """The caller's requests, newest first."""
@@ -143,12 +147,17 @@ async def list_products(
     request_id: str,
     runtime: RuntimeDep,
     owner: OwnerDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> ProductPage:
     """The request's product rows in input order, each with its images."""
     row = await _load(runtime, request_id, owner)
-    pairs = await queries.list_products(runtime.db, request_id, offset, limit)
+    # Past the last row nothing is read: row indexes are 32-bit, offsets are not.
+    pairs = (
+        await queries.list_products(runtime.db, request_id, offset, limit)
+        if offset < row.products
+        else []
+    )
     items = [ProductOut.from_rows(product, images) for product, images in pairs]
     return ProductPage(items=items, offset=offset, limit=limit, total=row.products)
 

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from pixelmill.api.errors import ApiError
 from pixelmill.api.schemas import UploadOptions
@@ -128,7 +129,16 @@ async def received_upload(
 async def _receive_multipart(
     request: Request, path: Path, max_bytes: int, allow_private: bool
 ) -> UploadOptions:
-    async with request.form(max_files=1, max_fields=20) as form:
+    try:
+        form = await request.form(max_files=1, max_fields=20)
+    except HTTPException as exc:  # how Starlette reports a multipart body it cannot read
+        raise ApiError(
+            400,
+            "invalid_multipart",
+            f"the multipart body cannot be read: {exc.detail}; send one 'file' part "
+            "(-F file=@products.csv) and the options as plain fields",
+        ) from None
+    try:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise ApiError(
@@ -142,4 +152,6 @@ async def _receive_multipart(
         )
         await check_webhook_host(options, allow_private=allow_private)
         _copy_upload(upload, path, max_bytes)
+    finally:
+        await form.close()
     return options

@@ -253,7 +253,9 @@ async def stage_request(
         async with db.write() as conn:
             encode, write_batch = await _batch_writer(conn, request_id)
             batches = _batches(reader, request_id, blocks, batch_rows, encode)
-            products, images = await _store_batches(conn, batches, blocks, write_batch)
+            products, images = await _store_batches(
+                conn, batches, blocks, write_batch, reader.header_line
+            )
             await conn.execute(
                 insert(t.requests).values(
                     id=request_id,
@@ -283,9 +285,14 @@ async def _insert_tasks(conn: AsyncConnection, tasks: list[tuple[Any, ...]]) -> 
 
 
 async def _store_batches(
-    conn: AsyncConnection, batches: Iterator[_Batch], blocks: _TaskBlocks, write: _BatchWriter
+    conn: AsyncConnection,
+    batches: Iterator[_Batch],
+    blocks: _TaskBlocks,
+    write: _BatchWriter,
+    header_line: int,
 ) -> tuple[int, int]:
-    """Insert every batch while the next one is parsed; raise if any row was wrong."""
+    """Insert every batch while the next one is parsed; raise if any row was wrong (or
+    none came after the header, on ``header_line``)."""
     # Products and images, by far the most rows, go straight to the driver; tasks (one
     # per block of rows) go through SQLAlchemy, which also converts their timestamps.
     problems = _Problems()
@@ -319,6 +326,6 @@ async def _store_batches(
             422,
             "empty_csv",
             "the file has a header but no product rows",
-            [CsvProblem(1, None, "no rows after the header")],
+            [CsvProblem(header_line, None, "no rows after the header")],
         )
     return products, images
