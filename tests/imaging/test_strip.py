@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import time
 
 import pyvips
@@ -111,3 +112,53 @@ def test_a_rotated_png_or_webp_and_any_avif_are_never_kept() -> None:
     assert without_metadata(_webp(), "webp", orientation=3) is None
     avif = pyvips.Image.black(8, 8).heifsave_buffer(compression="av1")
     assert without_metadata(avif, "avif") is None
+
+
+def _progressive_noise(exif: bytes | None = None) -> bytes:
+    image = Image.effect_noise((96, 64), 60).convert("RGB")
+    out = io.BytesIO()
+    extra = {"exif": exif} if exif else {}
+    image.save(out, "JPEG", quality=40, progressive=True, optimize=True, **extra)
+    return out.getvalue()
+
+
+def _gps_exif() -> bytes:
+    exif = Image.Exif()
+    exif[0x010F] = "SecretCam"
+    exif[0x8825] = {1: "N", 2: (48.0, 51.0, 29.0), 3: "E", 4: (2.0, 17.0, 40.0)}
+    return exif.tobytes()
+
+
+def test_an_image_appended_after_the_end_marker_goes_with_its_exif() -> None:
+    """Cameras and phones append preview images (multi-picture files, motion photos)
+    after the main image's end marker, each with its own EXIF and GPS."""
+    main = _progressive_noise()
+    preview = io.BytesIO()
+    Image.effect_noise((16, 16), 60).convert("RGB").save(preview, "JPEG", exif=_gps_exif())
+    source = main + preview.getvalue()
+
+    stripped = strip_jpeg(source)
+
+    assert stripped is not None
+    assert b"SecretCam" not in stripped and b"Exif\x00\x00" not in stripped
+    assert stripped.endswith(b"\xff\xd9") and stripped.count(b"\xff\xd8") == 1
+    assert _pixels(stripped) == _pixels(main)
+
+
+def test_metadata_between_the_scans_of_a_progressive_jpeg_goes_too() -> None:
+    source = _progressive_noise()
+    second_scan = source.find(b"\xff\xda", source.find(b"\xff\xda") + 2)
+    comment = b"home address"
+    exif = _gps_exif()  # Pillow's EXIF bytes start with the APP1 signature
+    inserted = (
+        b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment
+        + b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif
+    )  # fmt: skip
+    source = source[:second_scan] + inserted + source[second_scan:]
+
+    stripped = strip_jpeg(source)
+
+    assert stripped is not None
+    assert comment not in stripped and b"SecretCam" not in stripped
+    assert _pixels(stripped) == _pixels(source)
+    assert len(stripped) == len(source) - len(inserted)

@@ -3,8 +3,8 @@
 One walk over the marker segments before the first scan gives what the pipeline needs
 to know before it decodes: the frame (size, components, precision), the quantisation
 tables (for the quality estimate), the EXIF orientation, the colour profile and the
-Adobe colour transform. :func:`segments` is the walk itself, shared with the metadata
-stripper.
+Adobe colour transform. :func:`segments` is that walk; :func:`whole_file` goes on
+through the scans to the end-of-image marker, for the metadata stripper.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 SOI = b"\xff\xd8"
 EOI = b"\xff\xd9"
 SOS = 0xDA
+EOI_MARKER = 0xD9
 APP1 = 0xE1
 APP2 = 0xE2
 APP14 = 0xEE
@@ -24,6 +25,8 @@ DQT = 0xDB
 STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 # Start-of-frame markers; 0xC4 (DHT), 0xC8 (JPG) and 0xCC (DAC) share the range.
 FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Not a marker: the entropy-coded data of a scan, which follows its SOS segment.
+SCAN_DATA = -1
 ICC_SIGNATURE = b"ICC_PROFILE\x00"
 EXIF_SIGNATURE = b"Exif\x00\x00"
 
@@ -57,29 +60,76 @@ class Segment:
 def segments(data: bytes) -> Iterator[Segment]:
     """The segments from the first after SOI up to and including SOS (the scan's data
     follows it); raises :class:`MalformedJpegError` where the walk breaks off."""
+    for segment in _walk(data):
+        if segment.marker == EOI_MARKER:
+            break
+        yield segment
+        if segment.marker == SOS:
+            return
+    raise MalformedJpegError("the file ends before its first scan")
+
+
+def whole_file(data: bytes) -> Iterator[Segment]:
+    """Every segment of the image in file order, each scan's entropy-coded data as one
+    :data:`SCAN_DATA` piece, up to the end-of-image marker (not included): whatever
+    follows it (a preview image that cameras append, say) is not part of the image.
+    Raises :class:`MalformedJpegError` where the walk breaks off."""
+    for segment in _walk(data):
+        if segment.marker == EOI_MARKER:
+            return
+        yield segment
+
+
+def _walk(data: bytes) -> Iterator[Segment]:
+    """The marker segments from the one after SOI on, each SOS followed by its scan's
+    data; the scan is only looked through when the caller asks for what follows SOS."""
     if not data.startswith(SOI):
         raise MalformedJpegError("no start-of-image marker")
     pos = 2
-    while pos + 4 <= len(data):
+    while pos + 2 <= len(data):
         if data[pos] != 0xFF:
-            raise MalformedJpegError(f"no marker at byte {pos}")
+            # Stray bytes before a marker: libjpeg skips them with a warning, and so do we.
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                break
+            continue
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
-        if marker in STANDALONE:
+        if marker in STANDALONE or marker == EOI_MARKER:
             yield Segment(marker, pos, pos + 2)
             pos += 2
             continue
+        if pos + 4 > len(data):
+            break
         (length,) = struct.unpack_from(">H", data, pos + 2)
         end = pos + 2 + length
         if length < 2 or end > len(data):
             raise MalformedJpegError(f"segment 0x{marker:02X} at byte {pos} runs past the end")
         yield Segment(marker, pos, end)
-        if marker == SOS:
-            return
         pos = end
-    raise MalformedJpegError("the file ends before its first scan")
+        if marker == SOS:
+            pos = _scan_end(data, end)
+            yield Segment(SCAN_DATA, end, pos)
+    raise MalformedJpegError("the file ends in the middle of its segments")
+
+
+def _scan_end(data: bytes, start: int) -> int:
+    """Where the entropy-coded data that begins at ``start`` ends: at the first 0xFF
+    that is neither a stuffed 0xFF00, a restart marker nor a fill byte."""
+    pos = start
+    while True:
+        pos = data.find(b"\xff", pos)
+        if pos < 0 or pos + 1 >= len(data):
+            raise MalformedJpegError("the scan data runs to the end of the file")
+        following = data[pos + 1]
+        if following == 0x00 or 0xD0 <= following <= 0xD7:
+            pos += 2
+        elif following == 0xFF:
+            pos += 1
+        else:
+            return pos
 
 
 @dataclass(frozen=True)

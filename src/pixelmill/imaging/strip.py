@@ -1,7 +1,8 @@
 """Remove metadata from source bytes without re-encoding them.
 
 Used when pixelmill keeps a source because re-encoding would not make it smaller:
-the pixels stay bit for bit, but EXIF (GPS, camera serials), XMP, IPTC and comments go.
+the pixels stay bit for bit, but EXIF (GPS, camera serials), XMP, IPTC, comments and
+images appended to a JPEG go.
 The colour profile stays, as it does in re-encoded outputs.
 """
 
@@ -27,24 +28,29 @@ def orientation_segment(orientation: int) -> bytes:
 
 
 def strip_jpeg(data: bytes, orientation: int = 1) -> bytes | None:
-    """``data`` without its metadata segments, or None if the file cannot be walked.
+    """``data`` without its metadata, or None if the file cannot be walked.
 
-    An orientation other than 1 is written back in a minimal EXIF segment, so the
-    image is still displayed the right way up.
+    The metadata segments go wherever they stand, between scans too, with the APP2
+    segments other than the colour profile (a multi-picture index, say) and whatever
+    follows the end-of-image marker (cameras append preview images, with their own
+    EXIF). An orientation other than 1 is written back in a minimal EXIF segment, so
+    the image is still displayed the right way up.
     """
-    out = [data[:2]]
+    out = [jpeg.SOI]
     if orientation != 1:
         out.append(orientation_segment(orientation))
     try:
-        for segment in jpeg.segments(data):
-            if segment.marker == jpeg.SOS:  # the rest is image data
-                out.append(data[segment.start :])
-                return b"".join(out)
-            if segment.marker not in _JPEG_DROPPED:
-                out.append(data[segment.start : segment.end])
+        for segment in jpeg.whole_file(data):
+            if segment.marker in _JPEG_DROPPED or (
+                segment.marker == jpeg.APP2
+                and not segment.payload(data).startswith(jpeg.ICC_SIGNATURE)
+            ):
+                continue
+            out.append(data[segment.start : segment.end])
     except jpeg.MalformedJpegError:
         return None
-    return None
+    out.append(jpeg.EOI)
+    return b"".join(out)
 
 
 def strip_png(data: bytes) -> bytes | None:
