@@ -162,3 +162,31 @@ def test_metadata_between_the_scans_of_a_progressive_jpeg_goes_too() -> None:
     assert comment not in stripped and b"SecretCam" not in stripped
     assert _pixels(stripped) == _pixels(source)
     assert len(stripped) == len(source) - len(inserted)
+
+
+def test_a_png_without_its_end_chunk_is_kept_as_it_came() -> None:
+    """Decoders show a PNG that stops after its image data; never larger still holds."""
+    image = Image.effect_noise((64, 64), 60).convert("P", palette=Image.Palette.ADAPTIVE)
+    out = io.BytesIO()
+    image.save(out, "PNG", optimize=True)
+    without_end = out.getvalue()[:-12]
+
+    result = process_image(without_end, ProcessingOptions(), ImageLimits(), time.monotonic() + 30)
+
+    assert isinstance(result, EncodedImage)
+    assert len(result.data) <= len(without_end)
+    assert strip_png(without_end) == without_end
+    assert strip_png(without_end[:-5]) is None, "cut inside a chunk: not kept"
+
+
+def test_a_jpeg_with_stray_bytes_before_a_marker_has_its_quality_read() -> None:
+    """libjpeg skips such bytes with a warning; the header walk does too."""
+    clean = _progressive_noise()
+    tables = clean.find(b"\xff\xdb")
+    source = clean[:tables] + b"\x00\x00" + clean[tables:]
+
+    result = process_image(source, ProcessingOptions(), ImageLimits(), time.monotonic() + 30)
+
+    assert isinstance(result, EncodedImage)
+    assert result.source_quality == 40 and result.output_quality == 20
+    assert len(result.data) <= len(source)

@@ -54,11 +54,13 @@ def strip_jpeg(data: bytes, orientation: int = 1) -> bytes | None:
 
 
 def strip_png(data: bytes) -> bytes | None:
-    """``data`` without its text, EXIF and time chunks, or None if it cannot be walked."""
+    """``data`` without its text, EXIF and time chunks, or None if it cannot be walked
+    (it ends inside a chunk)."""
     if not data.startswith(_PNG_SIGNATURE):
         return None
     out = [_PNG_SIGNATURE]
     pos = len(_PNG_SIGNATURE)
+    image_data = False
     while pos + 8 <= len(data):
         (length,) = struct.unpack(">I", data[pos : pos + 4])
         kind = data[pos + 4 : pos + 8]
@@ -67,10 +69,13 @@ def strip_png(data: bytes) -> bytes | None:
             return None
         if kind not in _PNG_DROPPED:
             out.append(data[pos:end])
+        image_data = image_data or kind == b"IDAT"
         pos = end
         if kind == b"IEND":
             return b"".join(out)
-    return None
+    # Without IEND (decoders show such files), a file that ends right after a whole
+    # chunk of image data or later is kept as it came; one cut inside a chunk is not.
+    return b"".join(out) if pos == len(data) and image_data else None
 
 
 def webp_has_metadata(data: bytes) -> bool:
