@@ -305,6 +305,20 @@ def test_the_colour_profile_of_a_plain_jpeg_survives(photo: Image.Image) -> None
         assert image.info.get("jfif") is not None  # JFIF still comes first
 
 
+def test_a_colour_profile_that_does_not_fit_grey_pixels_is_dropped(photo: Image.Image) -> None:
+    """As libvips does: an RGB profile on a grey JPEG is dropped, on either road."""
+    data = save(photo.convert("L"), quality=90, icc_profile=srgb_profile())
+    header = _header(data)
+    assert takes_the_jpeg_road(header, ProcessingOptions())
+    assert jpeg.icc_colour_space(header.icc_segments) == b"RGB "
+
+    result = processed(data)
+    by_libvips = pyvips.Image.new_from_buffer(data, "").jpegsave_buffer(Q=45, keep="icc")
+
+    assert b"ICC_PROFILE" not in result.data
+    assert b"ICC_PROFILE" not in by_libvips
+
+
 def test_metadata_of_a_plain_jpeg_is_stripped(photo: Image.Image) -> None:
     exif = Image.Exif()
     exif[0x0112] = 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import time
 from pathlib import Path
 
@@ -131,6 +132,19 @@ def test_sniff_avif_written_by_libvips(photo: Image.Image) -> None:
 )
 def test_sniff_iso_media_brands(brand: bytes, expected: str | None) -> None:
     assert sniff_format(b"\x00\x00\x00\x1cftyp" + brand + b"\x00" * 20) == expected
+
+
+def test_an_avif_that_leads_with_a_generic_brand_is_an_avif() -> None:
+    """Many AVIF files name ``mif1`` first and ``avif`` among their compatible brands."""
+    box = b"\x00\x00\x00\x20ftyp" + b"mif1" + b"\x00\x00\x00\x00" + b"mif1miafavifMA1B"
+    assert sniff_format(box + b"\x00" * 16) == "avif"
+    heic = b"\x00\x00\x00\x18ftyp" + b"mif1" + b"\x00\x00\x00\x00" + b"heicmif1"
+    assert sniff_format(heic + b"\x00" * 16) == "heif"
+
+
+@pytest.mark.parametrize("magic", [b"II+\x00", b"MM\x00+"], ids=["little", "big"])
+def test_bigtiff_is_a_tiff(magic: bytes) -> None:
+    assert sniff_format(magic + b"\x00" * 28) == "tiff"
 
 
 @pytest.mark.parametrize(
@@ -483,6 +497,22 @@ def test_html_is_unsupported(corpus: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "body",
+    [b"404 Not Found\n", b"\xef\xbb\xbf<!DOCTYPE html><html></html>", b"Access denied: \xc3\xa9"],
+    ids=["plain-text", "html-with-bom", "utf8-text"],
+)
+def test_a_text_body_is_named_as_text(body: bytes) -> None:
+    failure = failed(run(body))
+
+    assert failure.code == ErrorCode.UNSUPPORTED_FORMAT
+    assert "HTML or text" in failure.message, failure.message
+
+
+def test_binary_junk_is_not_called_text() -> None:
+    assert "not a known image" in failed(run(bytes(range(256)) * 4)).message
+
+
+@pytest.mark.parametrize(
     "data", [b"%PDF-1.4\n%...", b'<svg xmlns="http://www.w3.org/2000/svg"/>'], ids=["pdf", "svg"]
 )
 def test_documents_are_unsupported(data: bytes) -> None:
@@ -494,6 +524,29 @@ def test_pixel_bomb_is_refused(corpus: Path) -> None:
 
     assert failure.code == ErrorCode.TOO_MANY_PIXELS
     assert not failure.is_transient
+
+
+@pytest.mark.parametrize(("width", "height"), [(8_000, 8_000), (20_000, 20_000)])
+def test_a_bmp_bomb_is_too_many_pixels_at_any_size(width: int, height: int) -> None:
+    """Past about 179 MP Pillow refuses to open a BMP; it is still too many pixels."""
+    header = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    data = b"BM" + struct.pack("<IHHI", 54, 0, 0, 54) + header
+
+    failure = failed(run(data))
+
+    assert failure.code == ErrorCode.TOO_MANY_PIXELS, failure.message
+    assert f"{width}x{height}" in failure.message
+
+
+def test_a_jpeg_wider_than_libjpeg_takes_is_too_many_pixels(photo: Image.Image) -> None:
+    """65,535 pixels wide: the header says too many before libvips says undecodable."""
+    data = bytearray(encode(photo.resize((16, 16)), "JPEG"))
+    frame = data.find(b"\xff\xc0")
+    data[frame + 5 : frame + 9] = struct.pack(">HH", 1_000, 65_535)  # height, width
+
+    failure = failed(run(bytes(data)))
+
+    assert failure.code == ErrorCode.TOO_MANY_PIXELS, failure.message
 
 
 def test_pixel_limit_is_configurable(corpus: Path) -> None:
@@ -517,6 +570,33 @@ def test_frame_limit_refuses_long_animations(photo: Image.Image, fmt: str) -> No
     assert "5 frames" in failure.message
     first = ok(run(data, limits=ImageLimits(max_frames=5)))
     assert (first.width, first.height) == photo.size, "only the first frame, as a still"
+
+
+def test_an_animated_png_counts_its_frames_and_keeps_only_the_first() -> None:
+    frames = [Image.new("RGB", (32, 24), (40 * index, 0, 0)) for index in range(5)]
+    out = io.BytesIO()
+    frames[0].save(out, "PNG", save_all=True, append_images=frames[1:], duration=100)
+    data = out.getvalue()
+    assert b"acTL" in data
+
+    failure = failed(run(data, limits=ImageLimits(max_frames=4)))
+    first = ok(run(data, limits=ImageLimits(max_frames=5), quality=100))
+
+    assert failure.code == ErrorCode.TOO_MANY_PIXELS and "5 frames" in failure.message
+    assert b"acTL" not in first.data and b"fdAT" not in first.data, "a still, kept or not"
+    assert getattr(decode(first.data), "n_frames", 1) == 1
+
+
+def test_an_animated_webp_is_never_kept_whole(photo: Image.Image) -> None:
+    frames = [photo.resize((32, 24)).rotate(angle) for angle in range(3)]
+    out = io.BytesIO()
+    frames[0].save(out, "WEBP", save_all=True, append_images=frames[1:], duration=100, quality=5)
+    data = out.getvalue()
+
+    result = ok(run(data, quality=100))
+
+    assert not result.kept_source
+    assert getattr(decode(result.data), "n_frames", 1) == 1
 
 
 def test_expired_deadline_is_a_timeout(corpus: Path) -> None:
@@ -555,6 +635,43 @@ def test_source_is_not_kept_when_a_change_was_asked(tiny_jpeg: bytes) -> None:
     assert sniff_format(as_png.data) == "png"
     assert not smaller.kept_source
     assert decoded_size(smaller.data) == (8, 8)
+
+
+def _bmp_with_alpha(width: int, height: int, left: bytes, right: bytes) -> bytes:
+    """A 32-bit BMP with an alpha mask (BITMAPV4 header), ``left`` and ``right`` BGRA."""
+    row = left * (width // 2) + right * (width - width // 2)
+    pixels = row * height
+    header = struct.pack(
+        "<IiiHHIIiiII", 108, width, height, 1, 32, 3, len(pixels), 2835, 2835, 0, 0
+    )
+    header += struct.pack("<IIII", 0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000)
+    header += b"BGRs" + bytes(48)
+    offset = 14 + len(header)
+    return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + header + pixels
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+def test_a_bmp_keeps_its_colours_its_alpha_and_its_greyness(mode: str) -> None:
+    """The left half transparent (RGBA), red on the right; grey stays one channel."""
+    if mode == "RGBA":
+        data = _bmp_with_alpha(64, 32, left=bytes([255, 0, 0, 0]), right=bytes([0, 0, 200, 255]))
+    else:
+        data = encode(Image.new(mode, (64, 32), (200, 0, 0) if mode == "RGB" else 90), "BMP")
+    assert Image.open(io.BytesIO(data)).mode == mode
+
+    as_png = decode(ok(run(data)).data)
+    as_jpeg = decode(ok(run(data, format="jpeg")).data)
+
+    if mode == "L":
+        assert as_png.mode in ("L", "P") and as_jpeg.mode == "L"
+        assert abs(as_jpeg.getpixel((48, 16)) - 90) <= 3
+        return
+    right = as_png.convert("RGBA").getpixel((48, 16))
+    assert right[3] == 255 and right[0] > 180, right
+    assert abs(as_jpeg.convert("RGB").getpixel((48, 16))[0] - 200) <= 8
+    if mode == "RGBA":
+        assert as_png.convert("RGBA").getpixel((8, 16))[3] == 0, "transparent stays transparent"
+        assert as_jpeg.convert("RGB").getpixel((8, 16)) > (245, 245, 245), "flattened on white"
 
 
 @pytest.mark.parametrize("fmt", ["png", "webp"])

@@ -244,6 +244,16 @@ def exif_orientation(tiff: bytes) -> int | None:
     return 1
 
 
+def icc_colour_space(icc_segments: tuple[bytes, ...]) -> bytes | None:
+    """The colour space the profile in these APP2 segments is for (``b"RGB "``,
+    ``b"GRAY"``, ``b"CMYK"``...), from its header in the first of them; None without one."""
+    if not icc_segments:
+        return None
+    # marker (2), length (2), signature, sequence number and count (2), then the profile
+    profile = icc_segments[0][4 + len(ICC_SIGNATURE) + 2 :]
+    return profile[16:20] if len(profile) >= 20 else None
+
+
 def with_segments(jpeg: bytes, extra: tuple[bytes, ...]) -> bytes:
     """``jpeg`` with ``extra`` segments inserted after SOI and a JFIF APP0 segment."""
     if not extra:

@@ -14,6 +14,7 @@ values. See docs/imaging.md for what "50% quality" means for each format.
 from __future__ import annotations
 
 import io
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -98,13 +99,53 @@ def sniff_format(data: bytes) -> str | None:
         return "gif"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
-    if head.startswith((b"II*\x00", b"MM\x00*")):
+    if head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):  # TIFF, BigTIFF
         return "tiff"
     if head.startswith(b"BM") and len(head) >= 26:
         return "bmp"
     if head[4:8] == b"ftyp":
-        return _HEIF_BRANDS.get(head[8:12])
+        return _heif_kind(data)
     return None
+
+
+def _heif_kind(data: bytes) -> str | None:
+    """``avif`` or ``heif`` from the brands of an ISO-BMFF file-type box: AVIF when it
+    names an AVIF brand among its compatible ones too (many AVIF files lead with
+    ``mif1``), otherwise what its major brand says."""
+    size = min(int.from_bytes(data[:4], "big"), 256, len(data))
+    compatible = {data[i : i + 4] for i in range(16, size - 3, 4)}
+    brands = {_HEIF_BRANDS.get(brand) for brand in compatible | {data[8:12]}}
+    if "avif" in brands:
+        return "avif"
+    return _HEIF_BRANDS.get(data[8:12])
+
+
+def _looks_like_text(data: bytes) -> bool:
+    """Whether the start of a body reads as text (an HTML page, JSON, ``404 Not Found``):
+    UTF-8, a byte-order mark allowed, of printable characters and line breaks only."""
+    sample = data[:512].removeprefix(b"\xef\xbb\xbf")
+    text = sample.decode("utf-8", "ignore") if sample else ""
+    # "ignore" drops at most the character cut off at the end of the sample.
+    return len(text.encode()) >= len(sample) - 3 and all(
+        character.isprintable() or character in "\r\n\t" for character in text
+    )
+
+
+def png_frames(data: bytes) -> int:
+    """The frames an animated PNG declares in its ``acTL`` chunk (before its image data);
+    1 for any other file."""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return 1
+    pos = 8
+    while pos + 12 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
+        if kind == b"acTL" and length >= 8:
+            return max(1, int.from_bytes(data[pos + 8 : pos + 12], "big"))
+        if kind == b"IDAT":
+            return 1
+        pos += 12 + length
+    return 1
 
 
 def _check_deadline(deadline: float) -> None:
@@ -117,7 +158,7 @@ def _step_sniff(data: bytes) -> str:
         raise _fail(ErrorCode.CORRUPT_IMAGE, "the source is empty (0 bytes)")
     source_format = sniff_format(data)
     if source_format is None:
-        what = "HTML or text" if data.lstrip()[:1] in (b"<", b"{") else "not a known image"
+        what = "HTML or text" if _looks_like_text(data) else "not a known image"
         raise _fail(
             ErrorCode.UNSUPPORTED_FORMAT,
             f"the source is {what} (first bytes {data[:8]!r}); "
@@ -153,21 +194,44 @@ def _load(data: bytes, source_format: str, limits: ImageLimits) -> pyvips.Image:
 
 
 def _load_with_pillow(data: bytes, limits: ImageLimits) -> pyvips.Image:
-    """BMP, which libvips reads only through ImageMagick, decoded by Pillow instead."""
+    """BMP, which libvips reads only through ImageMagick, decoded by Pillow instead:
+    grey stays grey, and alpha stays alpha (marked as such for the steps that follow)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             if width * height > limits.max_pixels:
                 raise _too_many_pixels(width, height, limits)
             image.load()
-            rgb = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+            bands = image.getbands()
+            grey = image.mode in ("1", "L", "LA", "I", "I;16", "F") or (
+                image.mode == "P" and _palette_is_grey(image)
+            )
+            mode = ("LA" if grey else "RGBA") if "A" in bands else ("L" if grey else "RGB")
+            pixels = image.convert(mode)
+    except Image.DecompressionBombError:
+        # Pillow's own guard, past about 179 MP, refuses before the check above.
+        raise _too_many_pixels(*_bmp_size(data), limits) from None
     except _Failed:
         raise
     except Exception as exc:
         raise _fail(ErrorCode.CORRUPT_IMAGE, f"cannot decode the bmp: {exc}") from None
-    return pyvips.Image.new_from_memory(
-        rgb.tobytes(), rgb.width, rgb.height, len(rgb.getbands()), "uchar"
+    loaded = pyvips.Image.new_from_memory(
+        pixels.tobytes(), pixels.width, pixels.height, len(mode), "uchar"
     )
+    return loaded.copy(interpretation="b-w" if grey else "srgb")
+
+
+def _bmp_size(data: bytes) -> tuple[int, int]:
+    """Width and height from a BMP's header (a bottom-up image has a negative height)."""
+    if int.from_bytes(data[14:18], "little") == 12:  # the old OS/2 header: 16-bit sides
+        return struct.unpack_from("<HH", data, 18)
+    width, height = struct.unpack_from("<ii", data, 18)
+    return abs(width), abs(height)
+
+
+def _palette_is_grey(image: Image.Image) -> bool:
+    palette = image.getpalette() or []
+    return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette), 3))
 
 
 def _vips_reason(exc: pyvips.Error) -> str:
@@ -183,11 +247,12 @@ def _too_many_pixels(width: int, height: int, limits: ImageLimits) -> _Failed:
     )
 
 
-def _step_check_pixels(image: pyvips.Image, limits: ImageLimits) -> None:
+def _step_check_pixels(image: pyvips.Image, data: bytes, limits: ImageLimits) -> None:
     if image.width * image.height > limits.max_pixels:
         raise _too_many_pixels(image.width, image.height, limits)
     # Only the first frame is decoded, but a source of countless frames is still refused.
     frames = int(image.get("n-pages")) if image.get_typeof("n-pages") else 1
+    frames = max(frames, png_frames(data))  # libvips does not count an animated PNG's
     if frames > limits.max_frames:
         raise _fail(
             ErrorCode.TOO_MANY_PIXELS,
@@ -297,12 +362,15 @@ def process_image(
     try:
         source_format = _step_sniff(data)
         jpeg_header = jpeg.read_header(data) if source_format == "jpeg" else None
+        if jpeg_header and jpeg_header.width * jpeg_header.height > limits.max_pixels:
+            # Before libvips, which refuses sides over 65,500 as undecodable.
+            raise _too_many_pixels(jpeg_header.width, jpeg_header.height, limits)
         if jpeg_header and takes_the_jpeg_road(jpeg_header, options):
             fast = _jpeg_to_jpeg(data, jpeg_header, options, limits, deadline)
             if fast is not None:
                 return fast
         header = _load(data, source_format, limits)
-        _step_check_pixels(header, limits)
+        _step_check_pixels(header, data, limits)
         _check_deadline(deadline)
         source_quality, output_quality = _qualities(jpeg_header, source_format, options, limits)
         output_format = _output_format(source_format, options)
@@ -360,8 +428,6 @@ def _jpeg_to_jpeg(
 ) -> EncodedImage | None:
     """Decode and encode with simplejpeg; None to hand the image to libvips (a file
     simplejpeg cannot decode, so that libvips says what is wrong with it)."""
-    if header.width * header.height > limits.max_pixels:
-        raise _too_many_pixels(header.width, header.height, limits)
     _check_deadline(deadline)
     source_quality = estimate_from_tables(header.quant_tables)
     output_quality = _output_quality(source_quality, options, limits)
@@ -385,8 +451,10 @@ def _jpeg_to_jpeg(
     except ValueError:
         return None
     _check_deadline(deadline)
-    # The encoder writes no metadata; the colour profile is kept, as libvips keeps it.
-    output = jpeg.with_segments(encoded, header.icc_segments)
+    # The encoder writes no metadata; the colour profile is kept, as libvips keeps it:
+    # only when it fits the pixels (a grey profile on grey, an RGB one on colour).
+    fits = jpeg.icc_colour_space(header.icc_segments) == (b"GRAY" if colour == "GRAY" else b"RGB ")
+    output = jpeg.with_segments(encoded, header.icc_segments if fits else ())
     size = (header.width, header.height)
     return _never_larger(
         data, "jpeg", 1, size, size, output, "jpeg", source_quality, output_quality,

@@ -15,8 +15,11 @@ from pixelmill.imaging import jpeg
 # JPEG markers that carry metadata: APP1 (EXIF, XMP), APP13 (IPTC), COM.
 _JPEG_DROPPED = {0xE1, 0xED, 0xFE}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_DROPPED = {b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"}
+# Text, EXIF and time; and the frames after the first of an animated PNG, since only
+# the first is processed (its IDAT, what a decoder without animation shows).
+_PNG_DROPPED = {b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME", b"acTL", b"fcTL", b"fdAT"}
 _WEBP_METADATA_FLAGS = 0x08 | 0x04  # EXIF and XMP bits of the VP8X chunk
+_WEBP_ANIMATION_FLAG = 0x02
 
 
 def orientation_segment(orientation: int) -> bytes:
@@ -83,6 +86,11 @@ def webp_has_metadata(data: bytes) -> bool:
     return data[12:16] == b"VP8X" and bool(data[20] & _WEBP_METADATA_FLAGS)
 
 
+def webp_is_animated(data: bytes) -> bool:
+    """Whether an extended WebP declares an animation (only its first frame is processed)."""
+    return data[12:16] == b"VP8X" and bool(data[20] & _WEBP_ANIMATION_FLAG)
+
+
 def without_metadata(data: bytes, image_format: str, orientation: int = 1) -> bytes | None:
     """The source without metadata, or None when that cannot be done losslessly."""
     if image_format == "jpeg":
@@ -92,5 +100,5 @@ def without_metadata(data: bytes, image_format: str, orientation: int = 1) -> by
     if image_format == "png":
         return strip_png(data)
     if image_format == "webp" and len(data) > 20 and not webp_has_metadata(data):
-        return data
+        return None if webp_is_animated(data) else data
     return None
