@@ -524,6 +524,30 @@ async def test_http_errors(
     assert str(status) in failed.message
 
 
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("7", 7.0),
+        ("0.5", 0.5),
+        ("99999999", 86_400.0),  # at most a day
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # a date in the past: now
+        ("inf", None),
+        ("nan", None),
+        ("1e999", None),
+        ("soon", None),
+    ],
+)
+async def test_retry_after_is_read_and_bounded(
+    image_host: ImageHost, make_fetcher: MakeFetcher, header: str, seconds: float | None
+) -> None:
+    url = image_host.url("status/503?retry_after=" + quote(header))
+
+    failed = failure(await make_fetcher(PRIVATE_OK).fetch(url))
+
+    assert failed.code == ErrorCode.HTTP_ERROR and failed.is_transient
+    assert failed.retry_after == seconds
+
+
 async def test_body_over_max_bytes_is_too_large(
     image_host: ImageHost, corpus: Path, make_fetcher: MakeFetcher
 ) -> None:

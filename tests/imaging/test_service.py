@@ -291,6 +291,40 @@ async def test_token_is_required_when_set(
         server.stop()
 
 
+async def test_a_source_asking_to_wait_forever_is_an_image_failure_not_a_500(
+    service: ImagingThread, image_host: ImageHost
+) -> None:
+    """``Retry-After: inf`` has no JSON form: the service must still answer the image."""
+    body = {"source_url": image_host.url("status/503?retry_after=inf"), "output_key": "inf/1"}
+    async with httpx.AsyncClient(base_url=service.url, timeout=60) as http:
+        response = await http.post("/v1/process", json=body)
+
+    assert response.status_code == 200, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["transient"], error["retry_after"]) == ("http_error", True, None)
+
+
+async def test_without_the_token_a_malformed_body_is_still_a_401(tmp_path: Path) -> None:
+    server = ImagingThread(service_settings(tmp_path, imaging_token=TOKEN)).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+            anonymous = await http.post(
+                "/v1/process", content=b"not json", headers={"Content-Type": "application/json"}
+            )
+            trusted = await http.post(
+                "/v1/process",
+                content=b"not json",
+                headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"},
+            )
+    finally:
+        server.stop()
+
+    assert anonymous.status_code == 401, anonymous.text
+    assert anonymous.json()["error"]["code"] == "unauthorized"
+    assert trusted.status_code == 422
+    assert trusted.json()["error"]["code"] == "invalid_request"
+
+
 async def test_open_imaging_knows_http_and_https(settings: Settings, tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "files", PUBLIC_URL)
     several = "http://img-1:8001, https://img-2:8443/,http://img-3:8001"

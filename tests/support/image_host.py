@@ -2,7 +2,8 @@
 
 Routes:
 - ``/img/NAME``: the file NAME of the corpus.
-- ``/status/CODE``: answers CODE with an empty body.
+- ``/status/CODE``: answers CODE with an empty body (``?retry_after=V``: with
+  ``Retry-After: V``).
 - ``/flaky/KEY/NAME``: answers 500 the first time KEY is seen, then NAME.
 - ``/reset/KEY/NAME``: the first time KEY is seen, sends half of NAME and resets the
   connection; then NAME.
@@ -111,7 +112,9 @@ class ImageHost:
         elif kind == "cookie":
             self._send_file(handler, segments[1], cookie="session=secret-of-one-client; Path=/")
         elif kind == "status":
-            self._send(handler, int(segments[1]), b"")
+            retry_after = parse_qs(parts.query).get("retry_after")
+            headers = {"Retry-After": retry_after[0]} if retry_after else {}
+            self._send(handler, int(segments[1]), b"", headers=headers)
         elif kind == "flaky":
             if self._first_time(segments[1]):
                 self._send(handler, 500, b"try again")
@@ -187,10 +190,13 @@ class ImageHost:
         body: bytes,
         content_type: str = "text/plain",
         cookie: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         handler.send_response(status)
         if cookie:
             handler.send_header("Set-Cookie", cookie)
+        for name, value in (headers or {}).items():
+            handler.send_header(name, value)
         handler.send_header("Content-Type", content_type)
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()

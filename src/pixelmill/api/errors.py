@@ -37,6 +37,15 @@ def not_found(request_id: str) -> ApiError:
     return ApiError(404, "not_found", f"no request {request_id!r}")
 
 
+def invalid_request(exc: RequestValidationError) -> JSONResponse:
+    """The ``422 invalid_request`` answer, one detail per field in error."""
+    details = [
+        {"field": ".".join(str(p) for p in err["loc"]), "message": err["msg"]}
+        for err in exc.errors()
+    ]
+    return error_response(422, "invalid_request", "the request is not valid", details)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Answer every error in the same JSON shape."""
 
@@ -56,11 +65,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [
-            {"field": ".".join(str(p) for p in err["loc"]), "message": err["msg"]}
-            for err in exc.errors()
-        ]
-        return error_response(422, "invalid_request", "the request is not valid", details)
+        return invalid_request(exc)
 
     @app.exception_handler(HTTPException)
     async def _http(_request: Request, exc: HTTPException) -> JSONResponse:

@@ -9,6 +9,7 @@ so that every hop is checked again. Bodies are cut off at the byte limit.
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import ssl
 import time
@@ -27,6 +28,8 @@ from pixelmill.imaging.addresses import AddressPolicy, parse_ip
 _REDIRECTS = {301, 302, 303, 307, 308}
 _TRANSIENT_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 _CHUNK = 64 * 1024
+# The longest wait a Retry-After header can ask for; whoever waits may cap it further.
+MAX_RETRY_AFTER = 86_400.0
 
 
 class ForbiddenAddressError(OSError):
@@ -87,17 +90,20 @@ class GuardedResolver(AbstractResolver):
 
 
 def _retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` header (seconds or an HTTP date) as seconds from now, at most a
+    day; None when absent or unreadable (``inf`` and ``nan`` included)."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    if not math.isfinite(seconds):
         return None
-    return max(0.0, moment.timestamp() - time.time())
+    return min(MAX_RETRY_AFTER, max(0.0, seconds))
 
 
 def _http_failure(status: int, url: str, retry_after: str | None) -> ImageFailure:

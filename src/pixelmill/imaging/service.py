@@ -16,11 +16,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from pixelmill import __version__, collector
-from pixelmill.api.errors import ApiError, error_response, install_error_handlers
+from pixelmill.api.errors import (
+    ApiError,
+    error_response,
+    install_error_handlers,
+    invalid_request,
+)
 from pixelmill.config import Settings
 from pixelmill.domain import OutputFormat, ProcessingOptions
 from pixelmill.imaging.inline import InlineImaging
@@ -118,6 +124,17 @@ def create_imaging_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.in_flight = InFlight(settings.imaging_max_in_flight)
     install_error_handlers(app)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI reads the body before any dependency runs: a caller without the token
+        # hears 401 whatever it sent, never what was wrong with its body.
+        try:
+            await _authorize(request)
+        except ApiError as denied:
+            return error_response(denied.status, denied.code, denied.message)
+        return invalid_request(exc)
+
     _add_routes(app)
     return app
 

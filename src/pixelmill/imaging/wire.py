@@ -9,6 +9,7 @@ Answer (always HTTP 200 once the service has judged the image): the fields of
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from pixelmill.domain import (
@@ -37,7 +38,12 @@ def outcome_to_json(outcome: ImageOutcome) -> dict[str, Any]:
                 "code": outcome.code.value,
                 "message": outcome.message,
                 "transient": outcome.is_transient,
-                "retry_after": outcome.retry_after,
+                # JSON has no infinity: an unbounded wait is no stated wait.
+                "retry_after": (
+                    outcome.retry_after
+                    if outcome.retry_after is None or math.isfinite(outcome.retry_after)
+                    else None
+                ),
             }
         }
     return dataclasses.asdict(outcome)
