@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from tests.support.image_host import ImageHost
 from tests.support.images import decoded_size
 from tests.support.server import ServeProcess
+from tests.support.waiting import wait_until
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "products.csv"
 
@@ -199,3 +201,60 @@ def test_a_command_keeps_image_sized_blocks_in_the_heap(
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(mapped)
+
+
+def _processes_naming(text: str) -> list[int]:
+    """The processes whose command line mentions ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_sigterm_stops_process_and_leaves_nothing_behind(
+    tmp_path: Path, image_host: ImageHost
+) -> None:
+    """As Ctrl-C does: the helpers stop and the throw-away database goes (exit 143)."""
+    source = tmp_path / "held.csv"
+    rows = [f"{i},P{i},{image_host.url(f'gate/img/cat.jpg?sigterm={i}')}" for i in range(1, 41)]
+    source.write_text("S. No.,Product Name,Input Image Urls\n" + "\n".join(rows) + "\n")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    env = {
+        **os.environ,
+        "PIXELMILL_ALLOW_PRIVATE_URLS": "true",
+        "PIXELMILL_SHUTDOWN_GRACE_SECONDS": "1",
+        "TMPDIR": str(temporary),
+    }
+    before = image_host.hits["/gate/img/cat.jpg"]
+    image_host.gate.clear()  # every fetch waits: the run is in the middle when stopped
+    try:
+        run = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pixelmill",
+                "process",
+                str(source),
+                "-o",
+                str(tmp_path / "out"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_until(lambda: image_host.hits["/gate/img/cat.jpg"] > before, what="a fetch in flight")
+        run.send_signal(signal.SIGTERM)
+        _, stderr = run.communicate(timeout=60)
+    finally:
+        image_host.gate.set()
+
+    assert run.returncode == 143, stderr
+    assert "SIGTERM" in stderr
+    assert list(temporary.iterdir()) == [], "the throw-away database is removed"
+    assert _processes_naming(str(source)) == [], "no helper outlives the run"

@@ -97,6 +97,31 @@ def test_a_dead_worker_process_is_replaced_and_all_die_with_serve(
         server.stop()
 
 
+def test_a_worker_process_that_stops_cleanly_is_not_restarted(tmp_path: Path) -> None:
+    """Ctrl-C and ``kill -- -PGID`` reach the workers before ``serve`` itself: a worker
+    that stopped on its signal (exit 0) is not restarted in the middle of the shutdown."""
+    server = ServeProcess(tmp_path / "serve", env={"PIXELMILL_WORKER_PROCESSES": "2"}).start()
+    try:
+        assert server.process is not None
+        workers = wait_until(lambda: workers_of(server.process.pid), timeout=30, what="workers")
+        wait_until(
+            lambda: server.log().count("worker started") == 2, timeout=30, what="both at work"
+        )
+        os.kill(min(workers), signal.SIGTERM)
+
+        verdict = wait_until(
+            lambda: next(
+                (line for line in server.log().splitlines() if "restarting it" in line), None
+            ),
+            timeout=30,
+            what="the supervisor's word on the stopped worker",
+        )
+        assert "stopped; not restarting it" in verdict, verdict
+        assert len(children_of(server.process.pid)) == 1
+    finally:
+        server.stop()
+
+
 async def test_a_child_hears_wakes_on_its_control_pipe_and_stops_when_it_closes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

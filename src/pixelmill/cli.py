@@ -53,6 +53,7 @@ class FormatChoice(StrEnum):
 
 
 HostOption = Annotated[str, typer.Option(help="Address to listen on.")]
+PortOption = Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")]
 ServerOption = Annotated[
     str | None,
     typer.Option("--server", help="Base URL of the pixelmill API (default: PIXELMILL_PUBLIC_URL)."),
@@ -73,10 +74,15 @@ def _exit_zero_on_sigterm() -> None:
 
 
 def _settings(**overrides: Any) -> Settings:
+    from pydantic import ValidationError
+
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except Exception as exc:
-        console.print(f"[red]invalid settings:[/red] {exc}")
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = "PIXELMILL_" + "_".join(str(part) for part in error["loc"][:1]).upper()
+            message = error["msg"].removeprefix("Value error, ")
+            console.print(f"[red]invalid settings:[/red] {field}: {message}", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -99,7 +105,7 @@ def _public_url(host: str, port: int) -> str | None:
 
 
 @app.command()
-def serve(host: HostOption = "127.0.0.1", port: Annotated[int, typer.Option()] = 8000) -> None:
+def serve(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
     """All in one: API, worker and inline imaging on the embedded defaults."""
     settings = _settings(public_url=_public_url(host, port))
     _logging(settings.log_level)
@@ -111,7 +117,7 @@ def serve(host: HostOption = "127.0.0.1", port: Annotated[int, typer.Option()] =
 @app.command()
 def api(
     host: HostOption = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 8000,
+    port: PortOption = 8000,
     samples: Annotated[
         bool, typer.Option("--samples", help="Also serve the sample photos under /samples/.")
     ] = False,
@@ -125,7 +131,7 @@ def api(
 @app.command()
 def imaging(
     host: HostOption = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 8001,
+    port: PortOption = 8001,
     processes: Annotated[
         int,
         typer.Option(

@@ -9,9 +9,31 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _http_url_problem(url: str) -> str | None:
+    """What keeps ``url`` from being an http(s) URL with a host and a valid port, or None."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError when out of range
+    except ValueError as exc:
+        return f"is not a valid URL ({exc})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "is not an http(s) URL with a host"
+    return None
+
+
+def _scheme_in(url: str, schemes: tuple[str, ...], use: str) -> str:
+    scheme = urlsplit(url).scheme
+    if scheme not in schemes:
+        raise ValueError(f"{url!r}: unsupported scheme {scheme!r}; use {use}")
+    return url
 
 
 def _split_list(value: object) -> object:
@@ -67,9 +89,9 @@ class Settings(BaseSettings):
     webhook_secret: str = ""
 
     # CSV ingestion
-    max_upload_bytes: int = 1024**3
-    max_rows: int = 5_000_000
-    max_urls_per_row: int = 50
+    max_upload_bytes: int = Field(default=1024**3, ge=1)
+    max_rows: int = Field(default=5_000_000, ge=1)
+    max_urls_per_row: int = Field(default=50, ge=1)
     task_max_images: int = Field(default=64, ge=1)
     ingest_batch_rows: int = Field(default=2000, ge=1)
 
@@ -88,12 +110,12 @@ class Settings(BaseSettings):
 
     # Imaging
     imaging_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
-    fetch_max_bytes: int = 50 * 1024 * 1024
-    fetch_max_redirects: int = 5
-    fetch_connect_timeout: float = 10.0
-    fetch_read_timeout: float = 20.0
-    fetch_total_timeout: float = 60.0
-    max_pixels: int = 50_000_000
+    fetch_max_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
+    fetch_max_redirects: int = Field(default=5, ge=0)
+    fetch_connect_timeout: float = Field(default=10.0, gt=0)
+    fetch_read_timeout: float = Field(default=20.0, gt=0)
+    fetch_total_timeout: float = Field(default=60.0, gt=0)
+    max_pixels: int = Field(default=50_000_000, ge=1)
     max_frames: int = Field(default=1000, ge=1)
     user_agent: str = "pixelmill/0.1 (+https://github.com/pixelmill/pixelmill)"
     min_output_quality: int = Field(default=10, ge=1, le=100)
@@ -131,6 +153,60 @@ class Settings(BaseSettings):
     def _positive_delays(cls, value: list[float]) -> list[float]:
         if any(delay <= 0 for delay in value):
             raise ValueError("every delay of the webhook schedule must be more than 0 seconds")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in _LOG_LEVELS:
+            raise ValueError(f"{value!r} is not a log level; use one of {', '.join(_LOG_LEVELS)}")
+        return level
+
+    @field_validator("trusted_source_prefixes")
+    @classmethod
+    def _prefixes(cls, value: list[str]) -> list[str]:
+        for prefix in value:
+            problem = _http_url_problem(prefix)
+            if problem:
+                raise ValueError(f"{prefix!r} {problem}")
+        return value
+
+    @field_validator("queue_url")
+    @classmethod
+    def _queue_scheme(cls, value: str) -> str:
+        return _scheme_in(value, ("db", "kafka"), "db:// or kafka://host:9092")
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_scheme(cls, value: str) -> str:
+        return _scheme_in(value, ("", "file"), "file:///PATH") if value else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_scheme(cls, value: str) -> str:
+        allowed = ("", "sqlite", "postgresql", "postgres")
+        if value and value.split(":", 1)[0].split("+", 1)[0] not in allowed:
+            raise ValueError(
+                f"{value!r}: unsupported database; use sqlite:///PATH or "
+                "postgresql://USER@HOST:PORT/DB"
+            )
+        return value
+
+    @field_validator("imaging_url")
+    @classmethod
+    def _imaging_urls(cls, value: str) -> str:
+        if urlsplit(value.strip()).scheme == "inline":
+            return value
+        urls = value.replace(",", " ").split()
+        if not urls:
+            raise ValueError("names no imaging service; use inline:// or http://host:8001")
+        for url in urls:
+            problem = _http_url_problem(url)
+            if problem:
+                raise ValueError(
+                    f"{url!r} {problem}; use inline:// or http://host:8001[,http://host2:8001...]"
+                )
         return value
 
     @field_validator("webhook_secret")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,7 +55,14 @@ def process_file(
         from pixelmill.worker_main import run_async, run_worker_process
 
         helpers.fork(lambda: run_worker_process(local, migrate=False))
-        return run_async(_process(local, helpers, file, out, console, options))
+        terminated: list[int] = []
+        try:
+            return run_async(_process(local, helpers, file, out, console, options, terminated))
+        except asyncio.CancelledError:
+            if not terminated:
+                raise
+            console.print("[yellow]stopped by SIGTERM; OUT holds what was done[/yellow]")
+            return 128 + signal.SIGTERM
 
 
 def _acceptable(settings: Settings, file: Path, console: Console) -> bool:
@@ -102,9 +110,22 @@ async def _process(
     out: Path,
     console: Console,
     options: ProcessingOptions,
+    terminated: list[int],
 ) -> int:
     from pixelmill.db.ingest import stage_request
     from pixelmill.runtime import Runtime
+
+    # SIGTERM (kill, timeout, a job scheduler) stops the run as Ctrl-C does: the
+    # helpers stop, this process's worker hands back what it holds, and the
+    # temporary state goes with the folder that holds it.
+    main = asyncio.current_task()
+    assert main is not None
+
+    def stop() -> None:
+        terminated.append(signal.SIGTERM)
+        main.cancel()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
 
     async with helpers:  # starts those not forked already; stops them all at the end
         runtime = await Runtime.open(local, throwaway=True)

@@ -260,6 +260,12 @@ class WorkerProcesses:
             code = await self._children[slot].wait()
             if self._stopping:
                 return
+            if code in (0, -signal.SIGTERM, -signal.SIGINT):
+                # It was asked to stop (a Ctrl-C or a kill reaches the whole process
+                # group before this parent stops): not a failure to make good. A crash,
+                # or SIGKILL from the kernel's OOM killer, is.
+                log.info("worker process %d stopped; not restarting it", slot)
+                return
             log.error("worker process %d exited with %s; restarting it", slot, code)
             await asyncio.sleep(_RESTART_DELAY)
             if self._stopping:
