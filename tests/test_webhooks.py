@@ -25,7 +25,7 @@ from pixelmill.db.ingest import stage_request
 from pixelmill.domain import ProcessingOptions
 from pixelmill.imaging.addresses import AddressPolicy
 from pixelmill.runtime import Runtime
-from pixelmill.webhooks.sender import WebhookSender
+from pixelmill.webhooks.sender import WebhookSender, literal_refusal
 from pixelmill.webhooks.signing import new_secret
 from tests.support.image_host import ImageHost
 from tests.support.receiver import Call, Reply, WebhookReceiver
@@ -494,3 +494,24 @@ async def test_an_https_webhook_without_a_valid_certificate_is_not_sent(
     assert not outcome.delivered
     assert outcome.error is not None and "certificate" in outcome.error.lower(), outcome
     assert receiver.calls("done") == []
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["\uff11\uff12\uff17.\uff10.\uff10.\uff11", "127\u30020\u30020\u30021", "127.0.0.\U0001fbf1"],
+    ids=["full-width-digits", "ideographic-dots", "segmented-digit"],
+)
+async def test_a_loopback_address_in_unicode_digits_is_refused_too(
+    receiver: WebhookReceiver, host: str
+) -> None:
+    """aiohttp dials such a host as 127.0.0.1: the check must see it the same way."""
+    url = f"http://{host}:{receiver.port}/unicode"
+    sender = WebhookSender(AddressPolicy(), timeout=5, user_agent="pixelmill")
+    try:
+        outcome = await sender.send(url, b"{}", {})
+    finally:
+        await sender.close()
+
+    assert literal_refusal(url, AddressPolicy()) == "the webhook host is a loopback address"
+    assert not outcome.delivered and "loopback" in (outcome.error or ""), outcome
+    assert receiver.calls("unicode") == []

@@ -166,6 +166,12 @@ def url_problem(url: str) -> str | None:
     if parts.username is not None or parts.password is not None:
         return "URL carries credentials (user:password@); these are refused"
     del port
+    from yarl import URL  # the parser of the fetcher and the webhook sender
+
+    try:
+        URL(url)
+    except ValueError as exc:
+        return f"malformed URL ({exc})"
     return None
 
 

@@ -12,6 +12,7 @@ import contextlib
 import shutil
 import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -125,7 +126,8 @@ async def _process(
         terminated.append(signal.SIGTERM)
         main.cancel()
 
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
+    if threading.current_thread() is threading.main_thread():  # where signals arrive
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
 
     async with helpers:  # starts those not forked already; stops them all at the end
         runtime = await Runtime.open(local, throwaway=True)

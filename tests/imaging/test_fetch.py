@@ -193,9 +193,17 @@ def test_policy_accepts_public_addresses(host: str) -> None:
     assert DEFAULT.refusal(address) is None
 
 
-@pytest.mark.parametrize("host", ["example.com", "localhost", "1.2.3.4.5", "0x1g", ""])
+@pytest.mark.parametrize("host", ["example.com", "localhost", "1.2.3.4.5", "0x1g", "", "1.2.3.4.."])
 def test_names_are_not_addresses(host: str) -> None:
     assert parse_ip(host) is None
+
+
+@pytest.mark.parametrize(
+    ("host", "address"), [("127.0.0.1.", "127.0.0.1"), ("127.1.", "127.0.0.1")]
+)
+def test_a_fully_qualified_address_is_the_address(host: str, address: str) -> None:
+    assert str(parse_ip(host)) == address
+    assert DEFAULT.refusal(parse_ip(host)) == "a loopback address"  # type: ignore[arg-type]
 
 
 async def test_metadata_address_is_named_in_the_message(make_fetcher: MakeFetcher) -> None:
@@ -403,6 +411,20 @@ async def test_trusted_prefix_allows_exactly_that_prefix(
     assert total_hits(image_host) == before
 
 
+@pytest.mark.parametrize("escape", ["..%2f", "..%2F", "%2e%2e/", "..%5c"])
+async def test_encoded_separators_do_not_escape_a_trusted_prefix(
+    image_host: ImageHost, make_fetcher: MakeFetcher, escape: str
+) -> None:
+    """An origin that decodes before it resolves ``..`` would serve what lies outside."""
+    fetcher = make_fetcher(trusted_prefixes=(image_host.url("img/"),))
+    before = total_hits(image_host)
+
+    outcome = await fetcher.fetch(image_host.url(f"img/{escape}status/200"))
+
+    assert failure(outcome).code == ErrorCode.FORBIDDEN_ADDRESS
+    assert total_hits(image_host) == before
+
+
 async def test_redirects_inside_a_trusted_prefix_are_followed(
     image_host: ImageHost, corpus: Path, make_fetcher: MakeFetcher
 ) -> None:
@@ -494,8 +516,12 @@ async def test_redirect_chains_beyond_the_limit(
 
 @pytest.mark.parametrize(
     "target",
-    ["ftp://127.0.0.1/cat.jpg", "http://user:secret@127.0.0.1/cat.jpg"],
-    ids=["ftp", "credentials"],
+    [
+        "ftp://127.0.0.1/cat.jpg",
+        "http://user:secret@127.0.0.1/cat.jpg",
+        "http://127.0.0.1\\.example.com/cat.jpg",
+    ],
+    ids=["ftp", "credentials", "backslash-in-host"],
 )
 async def test_redirect_to_an_invalid_url_is_refused(
     image_host: ImageHost, make_fetcher: MakeFetcher, target: str
@@ -610,6 +636,7 @@ async def test_closed_port_is_a_connect_error(make_fetcher: MakeFetcher) -> None
         "http:///cat.jpg",
         "http://127.0.0.1:99999/cat.jpg",
         "http://local host/cat.jpg",
+        "http://127.0.0.1\\.example.com/cat.jpg",
     ],
 )
 @pytest.mark.parametrize("policy", [DEFAULT, PRIVATE_OK], ids=["default", "private-ok"])

@@ -28,6 +28,8 @@ def parse_ip(host: str) -> IPAddress | None:
     (``2130706433``, ``0x7f.1``, ``0177.0.0.1``), which name the same addresses.
     """
     bare = host.strip("[]")
+    if bare.endswith(".") and not bare.endswith(".."):
+        bare = bare[:-1]  # a fully qualified spelling: `127.0.0.1.` is 127.0.0.1
     try:
         return ipaddress.ip_address(bare)
     except ValueError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import socket
 import ssl
 import time
@@ -26,6 +27,7 @@ from pixelmill.domain import ErrorCode, ImageFailure
 from pixelmill.imaging.addresses import AddressPolicy, parse_ip
 
 _REDIRECTS = {301, 302, 303, 307, 308}
+_ENCODED_SEPARATOR = re.compile("%(2f|5c|2e)", re.IGNORECASE)
 _TRANSIENT_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 _CHUNK = 64 * 1024
 # The longest wait a Retry-After header can ask for; whoever waits may cap it further.
@@ -234,7 +236,13 @@ class Fetcher:
                     location = response.headers.get("Location")
                     if not location:
                         return _http_failure(response.status, url, None)
-                    return str(response.url.join(URL(location)))
+                    try:
+                        return str(response.url.join(URL(location)))
+                    except ValueError as exc:
+                        return ImageFailure(
+                            ErrorCode.INVALID_URL,
+                            f"{url} redirects to {location!r}, which is not a URL ({exc})",
+                        )
                 if response.status >= 400:
                     return _http_failure(response.status, url, response.headers.get("Retry-After"))
                 return await self._read_body(response, url)
@@ -271,7 +279,14 @@ class Fetcher:
 
 
 def _within(url: URL, prefix: URL) -> bool:
-    """Whether ``url`` lies under ``prefix``: same origin, and its path below the prefix's."""
+    """Whether ``url`` lies under ``prefix``: same origin, and its path below the prefix's.
+
+    A path that spells a slash, a backslash or a dot in percent-encoding is never under
+    a prefix: an origin that decodes before it resolves ``..`` would read
+    ``/media/..%2fadmin`` as ``/admin``.
+    """
+    if _ENCODED_SEPARATOR.search(url.raw_path):
+        return False
     if (url.scheme, (url.host or "").lower(), url.port) != (
         prefix.scheme,
         (prefix.host or "").lower(),

@@ -13,10 +13,10 @@ import socket
 import ssl
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
+from yarl import URL
 
 from pixelmill.csvio import url_problem
 from pixelmill.imaging.addresses import AddressPolicy, parse_ip
@@ -50,7 +50,9 @@ def literal_refusal(url: str, policy: AddressPolicy) -> str | None:
     problem = url_problem(url)
     if problem:
         return problem
-    address = parse_ip(urlsplit(url).hostname or "")
+    # The host as aiohttp will dial it: yarl maps Unicode digits and dots (full-width
+    # ones, say) to ASCII, which urlsplit leaves alone.
+    address = parse_ip(URL(url).raw_host or "")
     refusal = policy.refusal(address) if address is not None else None
     return f"the webhook host is {refusal}" if refusal else None
 
@@ -63,11 +65,11 @@ async def resolved_refusal(
     A name that cannot be resolved now is not refused: the check is made again on
     every attempt, when the address is connected to.
     """
-    parts = urlsplit(url)
-    host = parts.hostname or ""
+    target = URL(url)
+    host = target.raw_host or ""
     if policy.allow_private or parse_ip(host) is not None:
         return None  # every address is allowed, or the literal one was checked already
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    port = target.port or (443 if target.scheme == "https" else 80)
     guarded = GuardedResolver(policy, resolver)
     try:
         async with asyncio.timeout(_UPLOAD_DNS_TIMEOUT):
