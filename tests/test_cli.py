@@ -258,3 +258,57 @@ def test_sigterm_stops_process_and_leaves_nothing_behind(
     assert "SIGTERM" in stderr
     assert list(temporary.iterdir()) == [], "the throw-away database is removed"
     assert _processes_naming(str(source)) == [], "no helper outlives the run"
+
+
+def test_process_into_a_file_instead_of_a_folder_is_refused_in_one_line(tmp_path: Path) -> None:
+    source = tmp_path / "in.csv"
+    source.write_text("S. No.,Product Name,Input Image Urls\n1,A,https://img.example.com/a.jpg\n")
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+
+    result = pixelmill("process", str(source), "-o", str(taken))
+
+    assert result.returncode == 2
+    assert "cannot use" in result.stderr and "Traceback" not in result.stderr
+    assert taken.read_text() == "not a folder"
+
+
+def test_process_names_a_file_level_problem_without_a_column(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+
+    result = pixelmill("process", str(empty), "-o", str(tmp_path / "out"))
+
+    assert result.returncode == 2
+    assert "line 1: empty file" in result.stderr and "None" not in result.stderr
+
+
+def test_status_and_result_send_the_request_id_as_one_path_segment(
+    default_server: ServeProcess, tmp_path: Path
+) -> None:
+    """An id such as ``../../../healthz`` must not walk to another route."""
+    server = ["--server", default_server.base_url]
+
+    status = pixelmill("status", "../../../healthz", *server)
+    result = pixelmill("result", "../../../healthz#", "-o", str(tmp_path / "x.csv"), *server)
+
+    assert status.returncode == result.returncode == 1
+    assert "not_found" in status.stderr and '"ok"' not in status.stdout
+    assert "not_found" in result.stderr and not (tmp_path / "x.csv").exists()
+
+
+def test_result_into_a_folder_is_refused_in_one_line(
+    default_server: ServeProcess, tmp_path: Path
+) -> None:
+    example = tmp_path / "products.csv"
+    example.write_text(
+        EXAMPLE.read_text().replace("127.0.0.1:8000", f"127.0.0.1:{default_server.port}")
+    )
+    server = ["--server", default_server.base_url]
+    submitted = pixelmill("submit", str(example), "--wait", *server)
+    assert submitted.returncode == 0, submitted.stderr
+
+    result = pixelmill("result", submitted.stdout.strip(), "-o", str(tmp_path), *server)
+
+    assert result.returncode == 1
+    assert "cannot write" in result.stderr and "Traceback" not in result.stderr

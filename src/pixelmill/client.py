@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import typer
@@ -59,7 +60,7 @@ class ApiClient:
         return str(body["request_id"])
 
     def status(self, request_id: str) -> dict[str, Any]:
-        return dict(self._call("GET", f"/api/v1/requests/{request_id}").json())
+        return dict(self._call("GET", f"/api/v1/requests/{quote(request_id, safe='')}").json())
 
     def print_status(self, request_id: str) -> None:
         print(json.dumps(self.status(request_id), indent=2))
@@ -92,7 +93,7 @@ class ApiClient:
 
     def download_result(self, request_id: str, output: Path | None) -> None:
         """Stream the output CSV to ``output`` (or stdout), a chunk at a time."""
-        path = f"/api/v1/requests/{request_id}/output.csv"
+        path = f"/api/v1/requests/{quote(request_id, safe='')}/output.csv"
         try:
             with self.http.stream("GET", path, follow_redirects=True) as response:
                 if not response.is_success:
@@ -108,5 +109,8 @@ class ApiClient:
                         out.write(chunk)
         except httpx.TransportError as exc:
             self.console.print(f"[red]cannot reach {self.http.base_url}:[/red] {exc}")
+            raise typer.Exit(1) from None
+        except OSError as exc:
+            self.console.print(f"[red]cannot write {output}:[/red] {exc.strerror or exc}")
             raise typer.Exit(1) from None
         self.console.print(f"wrote {output}")

@@ -47,7 +47,7 @@ def process_file(
     at a gate until there is work, doing their own start-up beside this process's.
     Called where forking is not safe (another thread runs), it spawns them instead.
     """
-    if not _acceptable(settings, file, console):
+    if not _acceptable(settings, file, console) or not _writable_folder(out, console):
         return 2
     with _workspace(settings, out) as (local, helpers):
         # Most of the start-up: imported once, here, for this process and its forks.
@@ -77,11 +77,20 @@ def _acceptable(settings: Settings, file: Path, console: Console) -> bool:
     return True
 
 
+def _writable_folder(out: Path, console: Console) -> bool:
+    """Whether OUT is (or can be made) a folder; says why not."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        console.print(f"[red]cannot use {out} as the output folder: {exc.strerror or exc}[/red]")
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def _workspace(settings: Settings, out: Path) -> Iterator[tuple[Settings, WorkerProcesses]]:
     """The settings of a one-shot run, with its state in a temporary folder, and its
     helpers (started gated, by the caller)."""
-    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pixelmill-process-") as state:
         local = _local_settings(settings, Path(state), out)
         yield local, WorkerProcesses(local, max(0, local.worker_process_count - 1), gated=True)
@@ -146,7 +155,9 @@ async def _process(
             except CsvRejected as exc:
                 console.print(f"[red]{exc.message}[/red]")
                 for problem in exc.problems[:20]:
-                    console.print(f"  line {problem.line}, {problem.column}: {problem.message}")
+                    column = f", {problem.column}" if problem.column else ""
+                    where = f"line {problem.line}{column}"
+                    console.print(f"  {where}: {problem.message}", highlight=False)
                 return 2
             # The helpers are worth it only when there is more than one task to share;
             # otherwise they leave, when stopped, without starting. This process works too.
