@@ -253,10 +253,17 @@ def result(
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply the database migrations to PIXELMILL_DATABASE_URL."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from pixelmill.db.migrate import upgrade
 
     settings = _settings()
-    upgrade(settings.database_url)
+    try:
+        upgrade(settings.database_url)
+    except (OSError, SQLAlchemyError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        console.print(f"[red]cannot upgrade the database:[/red] {reason}", highlight=False)
+        raise typer.Exit(1) from None
     console.print("database is up to date")
 
 
@@ -284,10 +291,24 @@ def tasks_requeue(
 
 
 async def _with_database(action: Callable[[Database], Awaitable[T]]) -> T:
+    """Run ``action`` on the settings' database; a database that is missing or cannot
+    be reached is said in one line (exit 1), and none is created."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
     from pixelmill.db.engine import Database
 
-    database = Database(_settings().database_url)
+    url = _settings().database_url
+    path = make_url(url).database if url.startswith("sqlite") else None
+    if path and not Path(path).is_file():
+        console.print(f"[red]no database at {path}[/red]: run `pixelmill db upgrade` first")
+        raise typer.Exit(1)
+    database = Database(url)
     try:
         return await action(database)
+    except (OSError, SQLAlchemyError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        console.print(f"[red]cannot use the database:[/red] {reason}", highlight=False)
+        raise typer.Exit(1) from None
     finally:
         await database.close()
