@@ -49,6 +49,7 @@ def upload(server: ServeProcess, body: bytes, path: str = "/api/v1/requests", **
 def read_output(server: ServeProcess, request_id: str) -> list[list[str]]:
     response = server.get(f"/api/v1/requests/{request_id}/output.csv")
     assert response.status_code == 200, response.text
+    assert response.headers["x-content-type-options"] == "nosniff"
     return list(csv.reader(io.StringIO(response.text)))
 
 
@@ -90,6 +91,7 @@ def test_upload_to_output_csv_with_processed_images(
         output = httpx.get(output_url)
         assert output.status_code == 200
         assert output.headers["content-type"] == "image/jpeg"
+        assert output.headers["x-content-type-options"] == "nosniff"
         assert len(output.content) < len(source)
         assert jpeg_quality_of(output.content) < jpeg_quality_of(source)
         if "rotated" not in source_url:
@@ -263,7 +265,9 @@ def test_operations_endpoints(server: ServeProcess) -> None:
 
 
 def test_samples_are_served_and_allowed_by_prefix_only(server: ServeProcess) -> None:
-    assert server.get("/samples/cat.jpg").headers["content-type"] == "image/jpeg"
+    sample = server.get("/samples/cat.jpg")
+    assert sample.headers["content-type"] == "image/jpeg"
+    assert sample.headers["x-content-type-options"] == "nosniff"
     assert server.get("/samples/../pixelmill.db").status_code == 404
 
 

@@ -57,6 +57,9 @@ class BodySizeLimit:
             await response(scope, receive, send)
 
 
+_NO_SNIFFING = {"X-Content-Type-Options": "nosniff"}
+
+
 def create_app(
     settings: Settings, *, run_worker: bool = False, migrate: bool = False, samples: bool = False
 ) -> FastAPI:
@@ -120,7 +123,9 @@ def _add_operations(app: FastAPI) -> None:
             path = None
         if path is None or not path.is_file():
             raise ApiError(404, "not_found", f"no stored file {key!r}")
-        return FileResponse(path)
+        # Stored bytes came from the internet: a browser must take them for what the
+        # type says (an image, a CSV), never sniff them into a page.
+        return FileResponse(path, headers=_NO_SNIFFING)
 
 
 def _add_samples(app: FastAPI) -> None:
@@ -131,4 +136,4 @@ def _add_samples(app: FastAPI) -> None:
         """The sample photos that examples/products.csv points at."""
         if name not in names:
             raise ApiError(404, "not_found", f"no sample {name!r}")
-        return FileResponse(SAMPLES_DIR / name)
+        return FileResponse(SAMPLES_DIR / name, headers=_NO_SNIFFING)

@@ -182,7 +182,12 @@ async def output_csv(request_id: str, runtime: RuntimeDep, owner: OwnerDep) -> R
         return Response(
             status_code=307, headers={"Location": runtime.storage.url_for(row.output_key)}
         )
-    return FileResponse(path, media_type="text/csv; charset=utf-8", filename=f"{request_id}.csv")
+    return FileResponse(
+        path,
+        media_type="text/csv; charset=utf-8",
+        filename=f"{request_id}.csv",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
 
 
 @router.get("/api/v1/requests/{request_id}/events", tags=["requests"])
