@@ -356,12 +356,17 @@ def test_serial_numbers_of_any_length_are_compared_as_integers() -> None:
             f"-{huge},C,http://a/3.jpg",
             "007,D,http://a/4.jpg",
             "+7,E,http://a/5.jpg",
+            f"{'0' * 30}7,F,http://a/6.jpg",  # long only for its zeros: still 7
+            "-00000000000000000000005,G,http://a/7.jpg",
+            "-5,H,http://a/8.jpg",
         )
     )
     found = problems_of(rows)
     assert [(line, message) for line, _, message in found] == [
         (3, "serial number is used by an earlier row"),
         (6, "serial number is used by an earlier row"),
+        (7, "serial number is used by an earlier row"),
+        (9, "serial number is used by an earlier row"),
     ]
     duplicate = rows[1].problems[0]
     assert duplicate.value is not None and len(duplicate.value) <= 80

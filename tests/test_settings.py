@@ -24,6 +24,7 @@ from pixelmill.config import Settings
         ("trusted_source_prefixes", "http://images.internal:99999/", "not a valid URL"),
         ("queue_url", "amqp://broker", "unsupported scheme 'amqp'"),
         ("storage_url", "ftp://files/", "unsupported scheme 'ftp'"),
+        ("storage_url", "/srv/pixelmill/files", "unsupported scheme ''"),
         ("database_url", "mysql://db/pixelmill", "unsupported database"),
         ("fetch_max_redirects", "-1", "greater than or equal to 0"),
         ("fetch_total_timeout", "0", "greater than 0"),

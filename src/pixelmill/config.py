@@ -180,7 +180,7 @@ class Settings(BaseSettings):
     @field_validator("storage_url")
     @classmethod
     def _storage_scheme(cls, value: str) -> str:
-        return _scheme_in(value, ("", "file"), "file:///PATH") if value else value
+        return _scheme_in(value, ("file",), "file:///PATH") if value else value
 
     @field_validator("database_url")
     @classmethod

@@ -56,11 +56,12 @@ def _serial_key(serial: str) -> int | str:
     """The value that two serial numbers share when they are the same integer (``007``
     and ``+7``): an int when short (a fraction of a string's memory), else the digits
     without sign or leading zeros, which no conversion limit applies to."""
-    if len(serial) <= 18:
-        return int(serial)
-    sign = "-" if serial[0] == "-" else ""
+    negative = serial[0] == "-"
     digits = serial.lstrip("+-").lstrip("0")
-    return sign + digits if digits else 0
+    if len(digits) <= 18:
+        return -int(digits or "0") if negative else int(digits or "0")
+    ascii_digits = "".join(str(int(digit)) for digit in digits)  # any script's digits
+    return ("-" if negative else "") + ascii_digits
 
 
 def normalise_header(name: str) -> str:

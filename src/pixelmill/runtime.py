@@ -125,11 +125,15 @@ class Runtime:
         if self.dispatcher:
             self.dispatcher.wake()
 
-    async def close_when_stopped(self) -> None:
-        """Wait until the worker stops (after ``worker.stop()``), then close everything."""
+    async def close_when_stopped(self) -> bool:
+        """Wait until the worker stops, then close everything; False when it ended
+        without ``worker.stop()`` (it crashed), True when it was asked to."""
+        asked = True
         if self._worker_task:
             await asyncio.gather(self._worker_task, return_exceptions=True)
+            asked = self.worker is not None and self.worker.stop_requested
         await self.close()
+        return asked
 
     async def close(self) -> None:
         """Stop the workers and the dispatcher (all graceful), then close every connection."""

@@ -120,6 +120,11 @@ class Worker:
             await asyncio.gather(*slots, return_exceptions=True)
             await self.recorder.close()
 
+    @property
+    def stop_requested(self) -> bool:
+        """Whether :meth:`stop` was called (else a worker that ended has crashed)."""
+        return self._stopping.is_set()
+
     def stop(self) -> None:
         """Stop taking tasks; tasks in hand finish within the grace period."""
         self._stopping.set()

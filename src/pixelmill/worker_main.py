@@ -55,4 +55,7 @@ async def _work(settings: Settings, migrate: bool) -> None:
         loop.add_signal_handler(sig, worker.stop)
     follow_parent(on_wake=runtime.queue.wake, on_parent_gone=worker.stop)
     logging.getLogger("pixelmill").info("worker started")
-    await runtime.close_when_stopped()
+    if not await runtime.close_when_stopped():
+        # Not a stop but a crash: a non-zero exit, so that a supervisor restarts it.
+        logging.getLogger("pixelmill").error("the worker ended without being asked to")
+        raise SystemExit(1)

@@ -498,8 +498,13 @@ def test_html_is_unsupported(corpus: Path) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"404 Not Found\n", b"\xef\xbb\xbf<!DOCTYPE html><html></html>", b"Access denied: \xc3\xa9"],
-    ids=["plain-text", "html-with-bom", "utf8-text"],
+    [
+        b"404 Not Found\n",
+        b"\xef\xbb\xbf<!DOCTYPE html><html></html>",
+        b"Access denied: \xc3\xa9",
+        b"<html>\xc2\xa0&nbsp;\xe2\x80\x8b\x0c</html>",
+    ],
+    ids=["plain-text", "html-with-bom", "utf8-text", "html-with-nbsp-and-form-feed"],
 )
 def test_a_text_body_is_named_as_text(body: bytes) -> None:
     failure = failed(run(body))

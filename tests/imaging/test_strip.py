@@ -190,3 +190,23 @@ def test_a_jpeg_with_stray_bytes_before_a_marker_has_its_quality_read() -> None:
     assert isinstance(result, EncodedImage)
     assert result.source_quality == 40 and result.output_quality == 20
     assert len(result.data) <= len(source)
+
+
+def test_fill_bytes_before_a_marker_are_walked_through() -> None:
+    """Any number of 0xFF fill bytes may stand before a marker, in the header and after
+    the scan data alike; the stripped file decodes to the same pixels."""
+    source = _progressive_noise(_gps_exif())
+    end = len(source) - 2
+    tables = source.find(b"\xff\xdb")
+    padded = (
+        source[:tables]
+        + b"\xff" * 100_000
+        + source[tables:end]
+        + b"\xff" * 1_000_000
+        + source[end:]
+    )
+
+    stripped = strip_jpeg(padded)
+
+    assert stripped is not None and b"SecretCam" not in stripped
+    assert _pixels(stripped) == _pixels(source)

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pixelmill import __version__, collector
 from pixelmill.api.deps import RuntimeDep
 from pixelmill.api.errors import ApiError, error_response, install_error_handlers
-from pixelmill.api.routes import router
+from pixelmill.api.routes import NO_SNIFFING, router
 from pixelmill.config import Settings
 from pixelmill.runtime import Runtime
 from pixelmill.storage import StorageError
@@ -55,9 +55,6 @@ class BodySizeLimit:
         except ApiError as exc:
             response = error_response(exc.status, exc.code, exc.message)
             await response(scope, receive, send)
-
-
-_NO_SNIFFING = {"X-Content-Type-Options": "nosniff"}
 
 
 def create_app(
@@ -123,9 +120,7 @@ def _add_operations(app: FastAPI) -> None:
             path = None
         if path is None or not path.is_file():
             raise ApiError(404, "not_found", f"no stored file {key!r}")
-        # Stored bytes came from the internet: a browser must take them for what the
-        # type says (an image, a CSV), never sniff them into a page.
-        return FileResponse(path, headers=_NO_SNIFFING)
+        return FileResponse(path, headers=NO_SNIFFING)
 
 
 def _add_samples(app: FastAPI) -> None:
@@ -136,4 +131,4 @@ def _add_samples(app: FastAPI) -> None:
         """The sample photos that examples/products.csv points at."""
         if name not in names:
             raise ApiError(404, "not_found", f"no sample {name!r}")
-        return FileResponse(SAMPLES_DIR / name, headers=_NO_SNIFFING)
+        return FileResponse(SAMPLES_DIR / name, headers=NO_SNIFFING)

@@ -29,6 +29,10 @@ from pixelmill.webhooks.payload import finished_event
 
 router = APIRouter()
 
+# Stored bytes came from the internet: a browser must take them for the type they are
+# served as (an image, a CSV), never sniff them into a page.
+NO_SNIFFING = {"X-Content-Type-Options": "nosniff"}
+
 # The largest page offset taken: far past any real total, and an integer that every
 # JSON reader and both databases hold exactly.
 MAX_OFFSET = 2**53 - 1
@@ -186,7 +190,7 @@ async def output_csv(request_id: str, runtime: RuntimeDep, owner: OwnerDep) -> R
         path,
         media_type="text/csv; charset=utf-8",
         filename=f"{request_id}.csv",
-        headers={"X-Content-Type-Options": "nosniff"},
+        headers=NO_SNIFFING,
     )
 
 

@@ -135,8 +135,8 @@ async def _receive_multipart(
         raise ApiError(
             400,
             "invalid_multipart",
-            f"the multipart body cannot be read: {exc.detail}; send one 'file' part "
-            "(-F file=@products.csv) and the options as plain fields",
+            f"the multipart body cannot be read: {str(exc.detail).rstrip('.')}; "
+            "send one 'file' part (-F file=@products.csv) and the options as plain fields",
         ) from None
     try:
         upload = form.get("file")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import struct
 import time
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,12 +123,18 @@ def _heif_kind(data: bytes) -> str | None:
 
 def _looks_like_text(data: bytes) -> bool:
     """Whether the start of a body reads as text (an HTML page, JSON, ``404 Not Found``):
-    UTF-8, a byte-order mark allowed, of printable characters and line breaks only."""
+    UTF-8, a byte-order mark allowed, with no control character but line breaks, tabs
+    and form feeds."""
     sample = data[:512].removeprefix(b"\xef\xbb\xbf")
-    text = sample.decode("utf-8", "ignore") if sample else ""
-    # "ignore" drops at most the character cut off at the end of the sample.
-    return len(text.encode()) >= len(sample) - 3 and all(
-        character.isprintable() or character in "\r\n\t" for character in text
+    try:
+        text = sample.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(sample) - 3:  # not just a character cut off by the sample
+            return False
+        text = sample[: exc.start].decode("utf-8")
+    return bool(text) and not any(
+        unicodedata.category(character) == "Cc" and character not in "\r\n\t\f"
+        for character in text
     )
 
 
@@ -210,7 +217,13 @@ def _load_with_pillow(data: bytes, limits: ImageLimits) -> pyvips.Image:
             pixels = image.convert(mode)
     except Image.DecompressionBombError:
         # Pillow's own guard, past about 179 MP, refuses before the check above.
-        raise _too_many_pixels(*_bmp_size(data), limits) from None
+        width, height = _bmp_size(data)
+        if width * height > limits.max_pixels:
+            raise _too_many_pixels(width, height, limits) from None
+        raise _fail(
+            ErrorCode.CORRUPT_IMAGE,
+            f"a {width}x{height} BMP is larger than its decoder (Pillow) opens",
+        ) from None
     except _Failed:
         raise
     except Exception as exc:

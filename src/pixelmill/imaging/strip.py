@@ -77,7 +77,8 @@ def strip_png(data: bytes) -> bytes | None:
         if kind == b"IEND":
             return b"".join(out)
     # Without IEND (decoders show such files), a file that ends right after a whole
-    # chunk of image data or later is kept as it came; one cut inside a chunk is not.
+    # chunk of image data or later is kept, stripped, without an IEND added (that would
+    # make it larger than its source); one cut inside a chunk is not.
     return b"".join(out) if pos == len(data) and image_data else None
 
 
