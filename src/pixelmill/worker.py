@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import socket
 import tempfile
 import uuid
@@ -21,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pixelmill.backoff import jittered_backoff
 from pixelmill.config import Settings
 from pixelmill.csvio import OutputCsvWriter
 from pixelmill.db import work
@@ -57,8 +57,7 @@ class RetryPolicy:
     max_delay: float = 30.0
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        backoff = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
-        jittered = backoff / 2 + random.uniform(0, backoff / 2)
+        jittered = jittered_backoff(attempt, self.base_delay, self.max_delay)
         return min(self.max_delay, max(jittered, retry_after or 0.0))
 
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
 
+from pixelmill.backoff import jittered_backoff
 from pixelmill.config import Settings
 from pixelmill.domain import ImageOutcome, ProcessingOptions
 from pixelmill.imaging.base import ImagingUnavailableError
@@ -148,8 +148,7 @@ class HttpImaging:
 
     def _pause(self, rounds: int, tried_some: bool, now: float) -> float:
         """Backoff with jitter after a round; sooner when only skips stood in the way."""
-        backoff = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** (rounds - 1))
-        pause = backoff / 2 + random.uniform(0, backoff / 2)
+        pause = jittered_backoff(rounds, _BACKOFF_BASE, _BACKOFF_MAX)
         if not tried_some:
             next_free = min(instance.skip_until for instance in self.instances)
             if next_free > now:
