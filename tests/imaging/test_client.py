@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import io
 import os
 import subprocess
@@ -265,11 +266,22 @@ def test_wire_keeps_every_field_of_a_failure() -> None:
 
     assert outcome_from_json(outcome_to_json(failure)) == failure
     assert outcome_from_json(outcome_to_json(result)) == result
+    whole = {**outcome_to_json(result), "duration_ms": 12}  # a float written as a whole number
+    assert outcome_from_json(whole) == dataclasses.replace(result, duration_ms=12)
     newer = outcome_from_json(
         {"error": {"code": "quota", "message": "m", "transient": False, "retry_after": None}}
     )
     assert newer == ImageFailure(ErrorCode.INTERNAL_ERROR, "quota: m", transient=False)
-    junks: list[object] = [[], {"output_key": "k"}, {"error": {"code": "timeout"}}]
+    nulls = {name: None for name in outcome_to_json(result)}
+    junks: list[object] = [
+        [],
+        {"output_key": "k"},
+        {"error": {"code": "timeout"}},
+        nulls,  # every field there, none of them of its type
+        {**outcome_to_json(result), "width": "3"},
+        {**outcome_to_json(result), "kept_source": 1},
+        {"error": {"code": "timeout", "message": "m", "transient": True, "retry_after": [5]}},
+    ]
     for junk in junks:
         with pytest.raises(ValueError):
             outcome_from_json(junk)

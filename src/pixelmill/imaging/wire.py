@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import Any
 
 from pixelmill.domain import (
@@ -22,6 +23,7 @@ from pixelmill.domain import (
 
 PROCESS_PATH = "/v1/process"
 _RESULT_FIELDS = tuple(field.name for field in dataclasses.fields(ProcessedImage))
+_RESULT_TYPES = typing.get_type_hints(ProcessedImage)
 _CODES = frozenset(code.value for code in ErrorCode)
 
 
@@ -57,9 +59,23 @@ def outcome_from_json(body: object) -> ImageOutcome:
     if isinstance(error, dict):
         return _failure_from_json(error)
     try:
-        return ProcessedImage(**{name: body[name] for name in _RESULT_FIELDS})
-    except (KeyError, TypeError) as exc:
+        values = {name: body[name] for name in _RESULT_FIELDS}
+    except KeyError as exc:
         raise ValueError(f"not an imaging result: missing {exc}") from None
+    wrong = [name for name, value in values.items() if not _of_type(value, _RESULT_TYPES[name])]
+    if wrong:
+        raise ValueError(f"not an imaging result: wrong type of {', '.join(wrong)}")
+    return ProcessedImage(**values)
+
+
+def _of_type(value: object, expected: Any) -> bool:
+    """Whether a JSON value fits a field's type: a float may come as a whole number,
+    and a bool is not a number."""
+    if isinstance(value, bool):
+        return expected is bool
+    if expected is float:
+        return isinstance(value, int | float)
+    return isinstance(value, expected)
 
 
 def _failure_from_json(error: dict[str, Any]) -> ImageFailure:
@@ -72,6 +88,8 @@ def _failure_from_json(error: dict[str, Any]) -> ImageFailure:
     else:  # a newer service: keep its word on retrying, under a code this side knows
         code, message = ErrorCode.INTERNAL_ERROR, f"{name}: {message}"
     retry_after = error.get("retry_after")
+    if retry_after is not None and not _of_type(retry_after, float):
+        raise ValueError(f"not an imaging error: retry_after is {retry_after!r}")
     return ImageFailure(
         code,
         message,
