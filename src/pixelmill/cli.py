@@ -10,7 +10,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -261,9 +261,7 @@ def db_upgrade() -> None:
     try:
         upgrade(settings.database_url)
     except (OSError, SQLAlchemyError) as exc:
-        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        console.print(f"[red]cannot upgrade the database:[/red] {reason}", highlight=False)
-        raise typer.Exit(1) from None
+        _database_failed("cannot upgrade the database", exc)
     console.print("database is up to date")
 
 
@@ -307,8 +305,13 @@ async def _with_database(action: Callable[[Database], Awaitable[T]]) -> T:
     try:
         return await action(database)
     except (OSError, SQLAlchemyError) as exc:
-        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        console.print(f"[red]cannot use the database:[/red] {reason}", highlight=False)
-        raise typer.Exit(1) from None
+        _database_failed("cannot use the database", exc)
     finally:
         await database.close()
+
+
+def _database_failed(what: str, exc: Exception) -> NoReturn:
+    """Say in one line why the database failed a command (the driver's own words), exit 1."""
+    reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+    console.print(f"[red]{what}:[/red] {reason}", highlight=False)
+    raise typer.Exit(1) from None

@@ -29,6 +29,21 @@ def _http_url_problem(url: str) -> str | None:
     return None
 
 
+def imaging_service_urls(imaging_url: str) -> list[str]:
+    """The base URLs in ``PIXELMILL_IMAGING_URL`` (comma- or space-separated); raises
+    ``ValueError`` saying what is wrong when one is not an http(s) URL with a host."""
+    urls = [part.rstrip("/") for part in imaging_url.replace(",", " ").split()]
+    if not urls:
+        raise ValueError("names no imaging service; use inline:// or http://host:8001")
+    for url in urls:
+        problem = _http_url_problem(url)
+        if problem:
+            raise ValueError(
+                f"{url!r} {problem}; use inline:// or http://host:8001[,http://host2:8001...]"
+            )
+    return urls
+
+
 def _scheme_in(url: str, schemes: tuple[str, ...], use: str) -> str:
     scheme = urlsplit(url).scheme
     if scheme not in schemes:
@@ -196,17 +211,8 @@ class Settings(BaseSettings):
     @field_validator("imaging_url")
     @classmethod
     def _imaging_urls(cls, value: str) -> str:
-        if urlsplit(value.strip()).scheme == "inline":
-            return value
-        urls = value.replace(",", " ").split()
-        if not urls:
-            raise ValueError("names no imaging service; use inline:// or http://host:8001")
-        for url in urls:
-            problem = _http_url_problem(url)
-            if problem:
-                raise ValueError(
-                    f"{url!r} {problem}; use inline:// or http://host:8001[,http://host2:8001...]"
-                )
+        if urlsplit(value.strip()).scheme != "inline":
+            imaging_service_urls(value)
         return value
 
     @field_validator("webhook_secret")

@@ -24,12 +24,11 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import aiohttp
 
 from pixelmill.backoff import jittered_backoff
-from pixelmill.config import Settings
+from pixelmill.config import Settings, imaging_service_urls
 from pixelmill.domain import ImageOutcome, ProcessingOptions
 from pixelmill.imaging.base import ImagingUnavailableError
 from pixelmill.imaging.wire import PROCESS_PATH, outcome_from_json, request_body
@@ -42,21 +41,6 @@ _CLIENT_KEEP_ALIVE = 30.0
 _CONNECT_TIMEOUT = 5.0
 _BACKOFF_BASE = 0.05
 _BACKOFF_MAX = 2.0
-
-
-def service_urls(imaging_url: str) -> list[str]:
-    """The base URLs in ``PIXELMILL_IMAGING_URL`` (comma- or space-separated)."""
-    urls = [part.rstrip("/") for part in imaging_url.replace(",", " ").split()]
-    for url in urls:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(
-                f"PIXELMILL_IMAGING_URL={imaging_url!r}: {url!r} is not an http(s) URL "
-                "of a pixelmill imaging service"
-            )
-    if not urls:
-        raise ValueError("PIXELMILL_IMAGING_URL names no imaging service")
-    return urls
 
 
 @dataclass(eq=False)
@@ -88,7 +72,11 @@ class HttpImaging:
     """The Imaging protocol over HTTP, spread over one or more imaging services."""
 
     def __init__(self, settings: Settings, *, failure_threshold: int = 3) -> None:
-        self.instances = [Instance(url) for url in service_urls(settings.imaging_url)]
+        try:
+            urls = imaging_service_urls(settings.imaging_url)
+        except ValueError as exc:  # settings built without their checks (model_copy)
+            raise ValueError(f"PIXELMILL_IMAGING_URL: {exc}") from None
+        self.instances = [Instance(url) for url in urls]
         self.patience = settings.imaging_patience_seconds
         self.skip_seconds = settings.imaging_skip_seconds
         self.failure_threshold = failure_threshold

@@ -27,7 +27,7 @@ from PIL import Image
 from pixelmill.domain import ErrorCode, ImageFailure, ProcessingOptions
 from pixelmill.imaging import jpeg
 from pixelmill.imaging.quality import estimate_from_tables
-from pixelmill.imaging.strip import without_metadata
+from pixelmill.imaging.strip import png_frames, without_metadata
 
 LOSSLESS_SOURCES = frozenset({"png", "gif", "tiff", "bmp"})
 _KEEP_FORMAT = {
@@ -136,23 +136,6 @@ def _looks_like_text(data: bytes) -> bool:
         unicodedata.category(character) == "Cc" and character not in "\r\n\t\f"
         for character in text
     )
-
-
-def png_frames(data: bytes) -> int:
-    """The frames an animated PNG declares in its ``acTL`` chunk (before its image data);
-    1 for any other file."""
-    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return 1
-    pos = 8
-    while pos + 12 <= len(data):
-        length = int.from_bytes(data[pos : pos + 4], "big")
-        kind = data[pos + 4 : pos + 8]
-        if kind == b"acTL" and length >= 8:
-            return max(1, int.from_bytes(data[pos + 8 : pos + 12], "big"))
-        if kind == b"IDAT":
-            return 1
-        pos += 12 + length
-    return 1
 
 
 def _check_deadline(deadline: float) -> None:

@@ -9,6 +9,7 @@ The colour profile stays, as it does in re-encoded outputs.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 
 from pixelmill.imaging import jpeg
 
@@ -56,40 +57,70 @@ def strip_jpeg(data: bytes, orientation: int = 1) -> bytes | None:
     return b"".join(out)
 
 
+class CutChunkError(ValueError):
+    """A PNG chunk runs past the end of the data."""
+
+
+def png_chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """``(kind, start, end)`` of each chunk of a PNG, ``data[start:end]`` holding it
+    whole, up to ``IEND`` or the end of the data; :class:`CutChunkError` where a chunk
+    is cut off."""
+    pos = len(_PNG_SIGNATURE)
+    while pos < len(data):
+        if pos + 8 > len(data):
+            raise CutChunkError(f"a chunk header is cut off at byte {pos}")
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        end = pos + 12 + length
+        if end > len(data):
+            raise CutChunkError(f"the chunk at byte {pos} runs past the end")
+        kind = data[pos + 4 : pos + 8]
+        yield kind, pos, end
+        if kind == b"IEND":
+            return
+        pos = end
+
+
 def strip_png(data: bytes) -> bytes | None:
     """``data`` without its text, EXIF and time chunks, or None if it cannot be walked
-    (it ends inside a chunk)."""
+    (it ends inside a chunk).
+
+    Without IEND (decoders show such files), a file that ends right after a whole chunk
+    of image data or later is kept, stripped, and no IEND is added: that would make it
+    larger than its source.
+    """
     if not data.startswith(_PNG_SIGNATURE):
         return None
     out = [_PNG_SIGNATURE]
-    pos = len(_PNG_SIGNATURE)
     image_data = False
-    while pos + 8 <= len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind = data[pos + 4 : pos + 8]
-        end = pos + 12 + length
-        if end > len(data):
-            return None
-        if kind not in _PNG_DROPPED:
-            out.append(data[pos:end])
-        image_data = image_data or kind == b"IDAT"
-        pos = end
-        if kind == b"IEND":
-            return b"".join(out)
-    # Without IEND (decoders show such files), a file that ends right after a whole
-    # chunk of image data or later is kept, stripped, without an IEND added (that would
-    # make it larger than its source); one cut inside a chunk is not.
-    return b"".join(out) if pos == len(data) and image_data else None
+    try:
+        for kind, start, end in png_chunks(data):
+            if kind not in _PNG_DROPPED:
+                out.append(data[start:end])
+            image_data = image_data or kind == b"IDAT"
+    except CutChunkError:
+        return None
+    return b"".join(out) if image_data else None
 
 
-def webp_has_metadata(data: bytes) -> bool:
-    """Whether an extended WebP declares EXIF or XMP chunks."""
-    return data[12:16] == b"VP8X" and bool(data[20] & _WEBP_METADATA_FLAGS)
+def png_frames(data: bytes) -> int:
+    """The frames an animated PNG declares in its ``acTL`` chunk (before its image data);
+    1 for any other file."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return 1
+    try:
+        for kind, start, end in png_chunks(data):
+            if kind == b"acTL" and end - start >= 20:
+                return max(1, int.from_bytes(data[start + 8 : start + 12], "big"))
+            if kind == b"IDAT":
+                return 1
+    except CutChunkError:
+        pass
+    return 1
 
 
-def webp_is_animated(data: bytes) -> bool:
-    """Whether an extended WebP declares an animation (only its first frame is processed)."""
-    return data[12:16] == b"VP8X" and bool(data[20] & _WEBP_ANIMATION_FLAG)
+def _webp_flags(data: bytes) -> int:
+    """The feature flags of an extended WebP's VP8X chunk; 0 for a simple WebP."""
+    return data[20] if data[12:16] == b"VP8X" else 0
 
 
 def without_metadata(data: bytes, image_format: str, orientation: int = 1) -> bytes | None:
@@ -100,6 +131,8 @@ def without_metadata(data: bytes, image_format: str, orientation: int = 1) -> by
         return None
     if image_format == "png":
         return strip_png(data)
-    if image_format == "webp" and len(data) > 20 and not webp_has_metadata(data):
-        return None if webp_is_animated(data) else data
+    if image_format == "webp" and len(data) > 20:
+        # EXIF or XMP cannot go without rewriting the file, nor can the other frames of
+        # an animation (only the first is processed): such a WebP is never kept.
+        return None if _webp_flags(data) & (_WEBP_METADATA_FLAGS | _WEBP_ANIMATION_FLAG) else data
     return None
