@@ -5,20 +5,23 @@ Kafka-protocol broker; the outbox audit is in test_audit.py."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import select
 
 from pixelmill.config import Settings
 from pixelmill.db import tables as t
 from pixelmill.db.engine import Database
-from pixelmill.queue.kafka import KafkaConfig, encode_task
+from pixelmill.queue import TaskMessage
+from pixelmill.queue.kafka import KafkaConfig, KafkaQueue, encode_task
 from pixelmill.queue.outbox import TaskRecord
+from pixelmill.queue.task_leases import TaskLeases
 from tests.support.backends import Backend
 from tests.support.databases import migrated
 from tests.support.queues import member, receive, stage, tasks_of
@@ -87,6 +90,152 @@ async def test_a_copy_of_a_task_that_is_not_its_current_publication_is_skipped(
 
         await async_wait_until(read_past_the_copy, timeout=30, what="the copy read and passed")
     assert await tasks_of(db, request_id) == {task_id: ("done", 1)}
+
+
+def _settings(backend: Backend, tmp_path: Path) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=backend.database_url,
+        queue_url=backend.queue_url,
+        poll_interval=0.05,
+    )
+
+
+async def test_a_partition_given_back_by_a_rebalance_leaves_the_task_in_hand_running(
+    backend: Backend, db: Database, tmp_path: Path
+) -> None:
+    """A member that joins the group revokes every member's partitions; the holder of a
+    task gets its partition back and reads the task's record again. The delivery in hand
+    goes on: its lease holds, the task is not delivered twice, its attempt counts once,
+    and its ack commits the record."""
+    config = KafkaConfig.from_url(backend.queue_url)
+    async with member(_settings(backend, tmp_path), db, "worker-a") as queue:
+        request_id = await stage(db, tmp_path, rows=2)  # one task
+        queue.wake()
+        (message,) = await receive(queue, 1)
+        taken_until = await _lease_expiry(db, message.task_id)
+        async with _bystander(config):
+
+            async def kept() -> bool:
+                again = await queue.receive(timeout=0.2)
+                assert again is None, f"the task in hand was delivered again: {again}"
+                return await _lease_expiry(db, message.task_id) > taken_until
+
+            await async_wait_until(kept, timeout=60, what="the record read again, its lease kept")
+            assert await queue.renew(message), "the delivery in hand still holds the task"
+            await queue.ack(message)
+            await async_wait_until(
+                lambda: _committed_past(config, message), timeout=30, what="the record committed"
+            )
+    assert await tasks_of(db, request_id) == {message.task_id: ("done", 1)}
+
+
+async def test_tasks_whose_partitions_move_to_another_member_run_there_counted_once(
+    backend: Backend, db: Database, tmp_path: Path
+) -> None:
+    """A second member takes half the partitions while the first holds every task: the
+    tasks of the moved partitions are delivered to it, those of the kept ones are not
+    delivered again, and every task ends done with one attempt counted."""
+    settings = _settings(backend, tmp_path)
+    async with member(settings, db, "worker-a") as one:
+        request_id = await stage(db, tmp_path, rows=48)  # 24 tasks over 4 partitions
+        one.wake()
+        held = await receive(one, 24)
+        taken_until = {m.task_id: await _lease_expiry(db, m.task_id) for m in held}
+        async with member(settings, db, "worker-b") as two:
+            assert isinstance(one, KafkaQueue) and isinstance(two, KafkaQueue)
+            moved: list[TaskMessage] = []
+
+            async def settled() -> bool:
+                again = await one.receive(timeout=0.1)
+                assert again is None, f"a task in hand was delivered again: {again}"
+                if (message := await two.receive(timeout=0.1)) is not None:
+                    moved.append(message)
+                mine, theirs = one.assigned_partitions, two.assigned_partitions
+                if not mine or not theirs or mine & theirs:
+                    return False
+                kept = [m for m in held if _partition(m) in mine]
+                expected = {m.task_id for m in held if _partition(m) in theirs}
+                leased_again = [
+                    await _lease_expiry(db, m.task_id) > taken_until[m.task_id] for m in kept
+                ]
+                return {m.task_id for m in moved} == expected and all(leased_again)
+
+            await async_wait_until(settled, timeout=60, what="the moved tasks delivered")
+            assert moved and len(moved) < len(held), "both members hold some of the tasks"
+            for message in held:
+                if await one.renew(message):
+                    await one.ack(message)
+                else:  # as the worker does with a task it lost
+                    await one.release(message)
+            assert {m.task_id for m in held if _partition(m) in one.assigned_partitions}
+            for message in moved:
+                await two.ack(message)
+    assert await tasks_of(db, request_id) == {m.task_id: ("done", 1) for m in held}
+
+
+async def test_a_released_task_that_another_member_finished_has_its_record_committed(
+    backend: Backend, db: Database, tmp_path: Path
+) -> None:
+    """A delivery loses its lease because another member finished the task (a delivery
+    of it from before a rebalance acked it). Its release leaves the task done, and its
+    record is committed, not kept in hand for ever (which would hold back every later
+    commit of the partition)."""
+    config = KafkaConfig.from_url(backend.queue_url)
+    async with member(_settings(backend, tmp_path), db, "worker-a") as queue:
+        request_id = await stage(db, tmp_path, rows=2)  # one task
+        queue.wake()
+        (message,) = await receive(queue, 1)
+        await TaskLeases(db, "worker-b", lease_seconds=60).settle(message.task_id, "done")
+        assert not await queue.renew(message)
+        await queue.release(message)
+        await async_wait_until(
+            lambda: _committed_past(config, message), timeout=30, what="the record committed"
+        )
+    assert await tasks_of(db, request_id) == {message.task_id: ("done", 1)}
+
+
+def _partition(message: TaskMessage) -> object:
+    return getattr(message.receipt, "partition", None)
+
+
+async def _lease_expiry(db: Database, task_id: int) -> float:
+    async with db.read() as conn:
+        query = select(t.tasks.c.lease_expires_at).where(t.tasks.c.id == task_id)
+        return float((await conn.execute(query)).scalar_one() or 0.0)
+
+
+async def _committed_past(config: KafkaConfig, message: TaskMessage) -> bool:
+    partition, offset = getattr(message.receipt, "record", (None, -1))
+    async with admin_client(config.bootstrap) as admin:
+        committed = await admin.list_consumer_group_offsets(config.group, partitions=[partition])
+    return partition in committed and committed[partition].offset > offset
+
+
+@asynccontextmanager
+async def _bystander(config: KafkaConfig) -> AsyncIterator[None]:
+    """A member of the group that reads a topic of its own: its joining and leaving
+    each make the group rebalance, without taking any of the queue's partitions."""
+    consumer = AIOKafkaConsumer(
+        f"{config.topic}.bystander",
+        bootstrap_servers=config.bootstrap,
+        group_id=config.group,
+        session_timeout_ms=config.session_timeout_ms,
+        heartbeat_interval_ms=max(100, config.session_timeout_ms // 5),
+    )
+    await consumer.start()
+
+    async def poll() -> None:
+        while True:
+            await consumer.getmany(timeout_ms=200)
+
+    polling = asyncio.create_task(poll())
+    try:
+        yield
+    finally:
+        polling.cancel()
+        await asyncio.gather(polling, return_exceptions=True)
+        await consumer.stop()
 
 
 @asynccontextmanager

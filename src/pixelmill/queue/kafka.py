@@ -19,6 +19,11 @@
   outbox audit (queue/audit.py) publishes again the tasks whose records the brokers
   lost, and a partition whose log was cut is read again from its start, so a broker
   that loses its data loses no task.
+- A rebalance revokes every partition of a member before it assigns its share back.
+  The records of the tasks in hand on a partition that came back are read again and
+  recognised: those deliveries go on, with their leases, and no task runs twice. A
+  delivery whose partition went to another member stops at its next renewal and gives
+  back its attempt, so rebalances never count against a task.
 """
 
 from __future__ import annotations
@@ -103,6 +108,10 @@ class _Receipt:
     def place(self) -> Placement:
         return Placement(self.partition.topic, self.partition.partition, self.offset)
 
+    @property
+    def record(self) -> tuple[TopicPartition, int]:
+        return self.partition, self.offset
+
 
 @dataclass
 class _PartitionOffsets:
@@ -155,6 +164,8 @@ class KafkaQueue:
         self._offsets: dict[TopicPartition, _PartitionOffsets] = {}
         # Bumped when a partition is revoked: receipts of older deliveries are void.
         self._generations: dict[TopicPartition, int] = {}
+        # The deliveries handed out and not yet settled, by record.
+        self._handed_out: dict[tuple[TopicPartition, int], _Receipt] = {}
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._pump: asyncio.Task[None] | None = None
@@ -258,12 +269,37 @@ class KafkaQueue:
                 return None
             receipt = message.receipt
             assert isinstance(receipt, _Receipt)
-            attempt = await self.leases.take(message.task_id, receipt.place)
-            if attempt is not None:
-                return TaskMessage(
-                    message.task_id, message.request_id, message.kind, attempt, message.receipt
-                )
+            if (held := self._handed_out.get(receipt.record)) is not None:
+                taken = await self._take_back(held, message)
+            else:
+                taken = await self._take(message)
+            if taken is not None:
+                return taken
+
+    async def _take(self, message: TaskMessage) -> TaskMessage | None:
+        """The delivery of a record, if it is one to run."""
+        receipt = message.receipt
+        assert isinstance(receipt, _Receipt)
+        attempt = await self.leases.take(message.task_id, receipt.place)
+        if attempt is None:
             await self._done(message)  # a stale copy: nothing to do, but its offset is done
+            return None
+        self._handed_out[receipt.record] = receipt
+        return TaskMessage(
+            message.task_id, message.request_id, message.kind, attempt, message.receipt
+        )
+
+    async def _take_back(self, held: _Receipt, message: TaskMessage) -> TaskMessage | None:
+        """A record came again while we hold a delivery from its place: a rebalance
+        revoked its partition and gave it back to us. While the lease is still ours,
+        the delivery in hand goes on as the current one, with its attempt, and the task
+        does not run twice. Otherwise the record is taken as any other."""
+        receipt = message.receipt
+        assert isinstance(receipt, _Receipt)
+        if await self.leases.keep(message.task_id, receipt.place):
+            held.generation = receipt.generation
+            return None
+        return await self._take(message)
 
     async def _pump_forever(self) -> None:
         assert self._consumer is not None
@@ -366,10 +402,17 @@ class KafkaQueue:
         return await self.leases.renew(message.task_id)
 
     async def ack(self, message: TaskMessage) -> None:
+        self._settled(message)
         await self.leases.settle(message.task_id, "done")
         await self._done(message)
 
     async def retry(self, message: TaskMessage, delay: float, error: str) -> None:
+        self._settled(message)
+        if self._receipt(message) is None:
+            # Its partition went to another member, which reads the record again and
+            # runs the task; a retry published from here would be a second copy.
+            log.info("task %s failed after it went to another member", message.task_id)
+            return
         dead = message.attempt >= self.max_attempts
         topic = self.config.dead_topic if dead else self.config.retry_topic
         record = TaskRecord(message.task_id, message.request_id, message.kind.value, 0)
@@ -390,8 +433,21 @@ class KafkaQueue:
 
     async def release(self, message: TaskMessage) -> None:
         """Leave it uncommitted: whoever owns the partition next receives it again; the
-        row says ``queued`` until then."""
-        await self.leases.release(message.task_id)
+        row says ``queued`` until then.
+
+        A delivery whose partition went to another member gives back only its attempt:
+        the lease is the new holder's. A delivery whose task someone else finished or
+        published again has a record that is spent: its offset is done."""
+        self._settled(message)
+        if self._receipt(message) is None:
+            await self.leases.give_back_attempt(message.task_id)
+        elif not await self.leases.release(message.task_id):
+            await self._done(message)
+
+    def _settled(self, message: TaskMessage) -> None:
+        receipt = message.receipt
+        if isinstance(receipt, _Receipt) and self._handed_out.get(receipt.record) is receipt:
+            del self._handed_out[receipt.record]
 
     async def _done(self, message: TaskMessage) -> None:
         receipt = self._receipt(message)

@@ -40,6 +40,11 @@ def _published_at(place: Placement) -> ColumnElement[bool]:
 _PLACE_UNKNOWN = tasks.published_at.is_not(None) & tasks.published_topic.is_(None)
 
 
+def _current(place: Placement) -> ColumnElement[bool]:
+    """The record at ``place`` is the task's current publication."""
+    return _published_at(place) | _PLACE_UNKNOWN
+
+
 @dataclass(frozen=True)
 class TaskLeases:
     """The leases of one member (``owner``) of a queue."""
@@ -58,7 +63,7 @@ class TaskLeases:
                     .where(
                         (tasks.id == task_id)
                         & tasks.state.in_(("queued", "leased"))
-                        & (_published_at(place) | _PLACE_UNKNOWN)
+                        & _current(place)
                     )
                     .values(
                         attempts=tasks.attempts + 1,
@@ -70,6 +75,18 @@ class TaskLeases:
                 )
             ).first()
         return int(row.attempts) if row else None
+
+    async def keep(self, task_id: int, place: Placement) -> bool:
+        """Renew our lease for a delivery in our hands whose record was read at
+        ``place`` again; no new delivery is counted. False when the lease is no longer
+        ours (the task is finished, was published again, or someone else took it)."""
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                update(t.tasks)
+                .where(self._mine(task_id) & _current(place))
+                .values(lease_expires_at=time.time() + self.lease_seconds)
+            )
+        return result.rowcount == 1
 
     @retry_transient
     async def renew(self, task_id: int) -> bool:
@@ -90,21 +107,37 @@ class TaskLeases:
         row = self._mine(task_id) if only_if_mine else tasks.id == task_id
         await self._set(row, state, values)
 
-    async def release(self, task_id: int) -> None:
+    async def release(self, task_id: int) -> bool:
         """Give our lease back, and the attempt with it: a release is not a failure.
-        Nothing happens if someone took a later delivery of the task."""
+        Nothing happens if someone took a later delivery of the task (False)."""
         values = {"available_at": time.time(), "attempts": tasks.attempts - 1}
-        await self._set(self._mine(task_id), "queued", values)
+        return await self._set(self._mine(task_id), "queued", values)
+
+    @retry_transient
+    async def give_back_attempt(self, task_id: int) -> None:
+        """A delivery that was taken from us (its task went to another member) ended
+        without failing: its attempt is not counted. The lease is left to its holder."""
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(t.tasks)
+                .where(
+                    (tasks.id == task_id)
+                    & tasks.state.in_(("queued", "leased"))
+                    & (tasks.attempts > 0)
+                )
+                .values(attempts=tasks.attempts - 1)
+            )
 
     def _mine(self, task_id: int) -> ColumnElement[bool]:
         return (tasks.id == task_id) & (tasks.state == "leased") & (tasks.lease_owner == self.owner)
 
     # Each move is conditional on the state it leaves, so a retried one is harmless.
     @retry_transient
-    async def _set(self, row: ColumnElement[bool], state: str, values: dict[str, Any]) -> None:
+    async def _set(self, row: ColumnElement[bool], state: str, values: dict[str, Any]) -> bool:
         async with self.db.write() as conn:
-            await conn.execute(
+            result = await conn.execute(
                 update(t.tasks)
                 .where(row)
                 .values(state=state, lease_owner=None, lease_expires_at=None, **values)
             )
+        return result.rowcount == 1
