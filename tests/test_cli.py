@@ -295,6 +295,10 @@ def test_status_and_result_send_the_request_id_as_one_path_segment(
     assert status.returncode == result.returncode == 1
     assert "not_found" in status.stderr and '"ok"' not in status.stdout
     assert "not_found" in result.stderr and not (tmp_path / "x.csv").exists()
+    for dots in (".", ".."):  # a client would drop or climb a segment of these
+        status = pixelmill("status", dots, *server)
+        assert status.returncode == 1
+        assert f"no request '{dots}'" in status.stderr, status.stderr
 
 
 def test_result_into_a_folder_is_refused_in_one_line(

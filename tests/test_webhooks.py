@@ -18,10 +18,12 @@ from typing import Any
 import pytest
 import trustme
 
+from pixelmill.api.schemas import WebhookOut
 from pixelmill.config import Settings
 from pixelmill.csvio import CsvLimits
 from pixelmill.db import deliveries
 from pixelmill.db.ingest import stage_request
+from pixelmill.db.queries import get_request
 from pixelmill.domain import ProcessingOptions
 from pixelmill.imaging.addresses import AddressPolicy
 from pixelmill.runtime import Runtime
@@ -416,6 +418,8 @@ async def test_an_attempt_in_flight_at_shutdown_is_handed_back(
             return row if held else None
 
         await async_wait_until(in_flight, timeout=30, what="an attempt in flight")
+        shown = WebhookOut.from_row(await get_request(runtime.db, accepted.request_id, None))
+        assert (shown.state, shown.next_attempt_at) == ("delivering", None), "none is due"
     finally:
         await runtime.close()
     reopened = await Runtime.open(settings)

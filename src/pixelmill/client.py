@@ -60,7 +60,7 @@ class ApiClient:
         return str(body["request_id"])
 
     def status(self, request_id: str) -> dict[str, Any]:
-        return dict(self._call("GET", f"/api/v1/requests/{quote(request_id, safe='')}").json())
+        return dict(self._call("GET", _request_path(request_id)).json())
 
     def print_status(self, request_id: str) -> None:
         print(json.dumps(self.status(request_id), indent=2))
@@ -93,7 +93,7 @@ class ApiClient:
 
     def download_result(self, request_id: str, output: Path | None) -> None:
         """Stream the output CSV to ``output`` (or stdout), a chunk at a time."""
-        path = f"/api/v1/requests/{quote(request_id, safe='')}/output.csv"
+        path = f"{_request_path(request_id)}/output.csv"
         try:
             with self.http.stream("GET", path, follow_redirects=True) as response:
                 if not response.is_success:
@@ -114,3 +114,10 @@ class ApiClient:
             self.console.print(f"[red]cannot write {output}:[/red] {exc.strerror or exc}")
             raise typer.Exit(1) from None
         self.console.print(f"wrote {output}")
+
+
+def _request_path(request_id: str) -> str:
+    """The request's path, its id one segment whatever it holds: slashes and ``?`` are
+    quoted, and dots too, since a segment of only dots is one that HTTP clients drop
+    (``.``) or climb (``..``)."""
+    return "/api/v1/requests/" + quote(request_id, safe="").replace(".", "%2E")

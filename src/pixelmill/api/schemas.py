@@ -55,7 +55,8 @@ class WebhookOut(BaseModel):
         """From a request row joined with its delivery (``webhook_*`` columns)."""
         if row.webhook_state is None:  # the request is not finished: nothing queued yet
             return cls(url=row.webhook_url, state="pending")
-        next_at = row.webhook_next_attempt_at
+        # While an attempt is in flight the row keeps the time it became due, now past.
+        next_at = row.webhook_next_attempt_at if row.webhook_state == "pending" else None
         return cls(
             url=row.webhook_url,
             state=row.webhook_state,
