@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from sqlalchemy import select
 
 from pixelmill.config import Settings
@@ -106,20 +106,26 @@ async def test_a_partition_given_back_by_a_rebalance_leaves_the_task_in_hand_run
 ) -> None:
     """A member that joins the group revokes every member's partitions; the holder of a
     task gets its partition back and reads the task's record again. The delivery in hand
-    goes on: its lease holds, the task is not delivered twice, its attempt counts once,
-    and its ack commits the record."""
+    goes on: its lease holds (before the record is read again too), the task is not
+    delivered twice, its attempt counts once, and its ack commits the record."""
     config = KafkaConfig.from_url(backend.queue_url)
     async with member(_settings(backend, tmp_path), db, "worker-a") as queue:
         request_id = await stage(db, tmp_path, rows=2)  # one task
         queue.wake()
         (message,) = await receive(queue, 1)
-        taken_until = await _lease_expiry(db, message.task_id)
-        async with _bystander(config):
+        async with _bystander(config) as bystander:
+
+            async def rebalanced() -> bool:
+                return bool(bystander.assignment()) and bool(queue.assigned_partitions)
+
+            await async_wait_until(rebalanced, timeout=60, what="the partitions assigned again")
+            assert await queue.renew(message), "before its record is read again, still ours"
+            renewed_until = await _lease_expiry(db, message.task_id)
 
             async def kept() -> bool:
                 again = await queue.receive(timeout=0.2)
                 assert again is None, f"the task in hand was delivered again: {again}"
-                return await _lease_expiry(db, message.task_id) > taken_until
+                return await _lease_expiry(db, message.task_id) > renewed_until
 
             await async_wait_until(kept, timeout=60, what="the record read again, its lease kept")
             assert await queue.renew(message), "the delivery in hand still holds the task"
@@ -213,11 +219,15 @@ async def _committed_past(config: KafkaConfig, message: TaskMessage) -> bool:
 
 
 @asynccontextmanager
-async def _bystander(config: KafkaConfig) -> AsyncIterator[None]:
+async def _bystander(config: KafkaConfig) -> AsyncIterator[AIOKafkaConsumer]:
     """A member of the group that reads a topic of its own: its joining and leaving
-    each make the group rebalance, without taking any of the queue's partitions."""
+    each make the group rebalance, without taking any of the queue's partitions. It is
+    assigned its topic's partition once the group has rebalanced."""
+    topic = f"{config.topic}.bystander"
+    async with admin_client(config.bootstrap) as admin:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
     consumer = AIOKafkaConsumer(
-        f"{config.topic}.bystander",
+        topic,
         bootstrap_servers=config.bootstrap,
         group_id=config.group,
         session_timeout_ms=config.session_timeout_ms,
@@ -231,7 +241,7 @@ async def _bystander(config: KafkaConfig) -> AsyncIterator[None]:
 
     polling = asyncio.create_task(poll())
     try:
-        yield
+        yield consumer
     finally:
         polling.cancel()
         await asyncio.gather(polling, return_exceptions=True)

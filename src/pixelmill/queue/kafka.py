@@ -269,10 +269,17 @@ class KafkaQueue:
                 return None
             receipt = message.receipt
             assert isinstance(receipt, _Receipt)
-            if (held := self._handed_out.get(receipt.record)) is not None:
-                taken = await self._take_back(held, message)
-            else:
-                taken = await self._take(message)
+            try:
+                if (held := self._handed_out.get(receipt.record)) is not None:
+                    taken = await self._take_back(held, message)
+                else:
+                    taken = await self._take(message)
+            except BaseException:
+                # The database failed us (or we were cancelled): the record must not be
+                # lost from the buffer, or its offset would hold back every commit.
+                if receipt.generation == self._generations.get(receipt.partition, 0):
+                    self._buffer.put_nowait(message)
+                raise
             if taken is not None:
                 return taken
 
@@ -296,7 +303,9 @@ class KafkaQueue:
         does not run twice. Otherwise the record is taken as any other."""
         receipt = message.receipt
         assert isinstance(receipt, _Receipt)
-        if await self.leases.keep(message.task_id, receipt.place):
+        kept = await self.leases.keep(message.task_id, receipt.place)
+        # The delivery in hand may have ended while we looked: then the record is new.
+        if kept and self._handed_out.get(receipt.record) is held:
             held.generation = receipt.generation
             return None
         return await self._take(message)
@@ -397,9 +406,19 @@ class KafkaQueue:
         """The task is ours while its partition is assigned to us (its next owner
         delivers it again) and no one took a later delivery of it; while it is, its
         lease in the database is kept alive, so the outbox audit leaves it be."""
-        if self._receipt(message) is None:
+        if self._receipt(message) is None and not self._came_back(message):
             return False
         return await self.leases.renew(message.task_id)
+
+    def _came_back(self, message: TaskMessage) -> bool:
+        """A delivery in hand whose partition a rebalance gave back to us, its record not
+        read again yet: still ours (no other member can hold its partition)."""
+        receipt = message.receipt
+        return (
+            isinstance(receipt, _Receipt)
+            and self._handed_out.get(receipt.record) is receipt
+            and receipt.partition in self.assigned_partitions
+        )
 
     async def ack(self, message: TaskMessage) -> None:
         self._settled(message)

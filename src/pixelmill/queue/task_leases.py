@@ -76,6 +76,7 @@ class TaskLeases:
             ).first()
         return int(row.attempts) if row else None
 
+    @retry_transient
     async def keep(self, task_id: int, place: Placement) -> bool:
         """Renew our lease for a delivery in our hands whose record was read at
         ``place`` again; no new delivery is counted. False when the lease is no longer
