@@ -24,11 +24,16 @@ def csv_body(rows: list[list[str]]) -> bytes:
     return out.getvalue().encode()
 
 
-def slow_photo_rows(host: ImageHost, images: int, label: str) -> list[list[str]]:
-    """Rows of two photos each, every one served 20 ms late under a URL of its own."""
+def slow_photo_rows(
+    host: ImageHost, images: int, label: str, delay_ms: int = 20
+) -> list[list[str]]:
+    """Rows of two photos each, every one served ``delay_ms`` late under a URL of its own."""
     tag = f"{label}-{uuid.uuid4().hex[:8]}"
     return [
-        [host.url(f"slow/20/{PHOTOS[(r + k) % len(PHOTOS)]}?{tag}-{r}-{k}") for k in range(2)]
+        [
+            host.url(f"slow/{delay_ms}/{PHOTOS[(r + k) % len(PHOTOS)]}?{tag}-{r}-{k}")
+            for k in range(2)
+        ]
         for r in range(images // 2)
     ]
 
@@ -89,6 +94,14 @@ def check_each_terminal_once(api: ApiClient, request_id: str, total: int) -> dic
 def check_written_once(writes: WriteCounter, request_id: str, keys: list[str]) -> int:
     """Each stored image was written exactly once (counted as it happened); returns the
     number of extra writes found (0, or the assertion fails)."""
+    return check_written(writes, request_id, keys, extra_allowed=0)
+
+
+def check_written(
+    writes: WriteCounter, request_id: str, keys: list[str], *, extra_allowed: int
+) -> int:
+    """Each stored image was written, nothing else was, and at most ``extra_allowed``
+    writes came on top of one per image (counted as they happened); returns them."""
     counts = writes.counts(f"{request_id}/")
     assert not writes.overflowed, "inotify lost events: the count is not exact"
     assert f"{request_id}" not in writes.late_folders
@@ -97,7 +110,7 @@ def check_written_once(writes: WriteCounter, request_id: str, keys: list[str]) -
     assert set(images_written) == expected, "every stored object, and nothing else"
     duplicates = sum(n - 1 for n in images_written.values())
     twice = sorted(key for key, n in images_written.items() if n > 1)
-    assert duplicates == 0, f"{len(twice)} objects written more than once: {twice[:10]}"
+    assert duplicates <= extra_allowed, f"{len(twice)} objects written more than once: {twice[:10]}"
     assert counts[f"{request_id}/output.csv"] >= 1
     return duplicates
 

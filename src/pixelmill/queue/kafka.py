@@ -23,7 +23,8 @@
   The records of the tasks in hand on a partition that came back are read again and
   recognised: those deliveries go on, with their leases, and no task runs twice. A
   delivery whose partition went to another member stops at its next renewal and gives
-  back its attempt, so rebalances never count against a task.
+  back its attempt, so rebalances never count against a task; if it finishes the task
+  first, the new owner's delivery is the one not counted.
 """
 
 from __future__ import annotations
@@ -421,8 +422,12 @@ class KafkaQueue:
         )
 
     async def ack(self, message: TaskMessage) -> None:
+        taken_over = self._receipt(message) is None and not self._came_back(message)
         self._settled(message)
-        await self.leases.settle(message.task_id, "done")
+        if taken_over:  # its partition went to another member, which may run it too
+            await self.leases.finish_taken_over(message.task_id)
+        else:
+            await self.leases.settle(message.task_id, "done")
         await self._done(message)
 
     async def retry(self, message: TaskMessage, delay: float, error: str) -> None:

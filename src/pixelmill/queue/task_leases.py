@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, update
+from sqlalchemy import ColumnElement, case, update
 
 from pixelmill.db import tables as t
 from pixelmill.db.engine import Database, retry_transient
@@ -107,6 +107,16 @@ class TaskLeases:
         while the lease is still ours."""
         row = self._mine(task_id) if only_if_mine else tasks.id == task_id
         await self._set(row, state, values)
+
+    async def finish_taken_over(self, task_id: int) -> None:
+        """Mark done a task that we finished after it was taken from us. Another member
+        may hold a later delivery of it by now: that delivery is redundant, and is not
+        counted (its holder stops at its next renewal)."""
+        redundant = (
+            (tasks.state == "leased") & (tasks.lease_owner != self.owner) & (tasks.attempts > 1)
+        )
+        attempts = case((redundant, tasks.attempts - 1), else_=tasks.attempts)
+        await self._set(tasks.id == task_id, "done", {"attempts": attempts})
 
     async def release(self, task_id: int) -> bool:
         """Give our lease back, and the attempt with it: a release is not a failure.
