@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ from pixelmill.recorder import ResultRecorder
 from pixelmill.storage import Storage
 
 log = logging.getLogger(__name__)
+
+# How often a task in hand is checked for having moved to another worker (no I/O).
+MOVED_CHECK_SECONDS = 1.0
 
 
 def worker_name() -> str:
@@ -240,8 +244,15 @@ class Worker:
 
         async def keep() -> None:
             interval = self.settings.lease_seconds / 3
+            renew_at = time.monotonic() + interval
             while True:
-                await asyncio.sleep(interval)
+                await asyncio.sleep(min(MOVED_CHECK_SECONDS, max(0.0, renew_at - time.monotonic())))
+                if self.queue.moved(message):
+                    log.info("task %s went to another worker; abandoning it", message.task_id)
+                    break
+                if time.monotonic() < renew_at:
+                    continue
+                renew_at = time.monotonic() + interval
                 try:
                     renewed = await self.queue.renew(message)
                 except Exception:
@@ -249,9 +260,9 @@ class Worker:
                     continue
                 if not renewed:
                     log.warning("lost the lease of task %s; abandoning it", message.task_id)
-                    lease.lost = True
-                    current.cancel()
-                    return
+                    break
+            lease.lost = True
+            current.cancel()
 
         keeper = asyncio.create_task(keep())
         try:

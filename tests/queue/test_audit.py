@@ -179,12 +179,28 @@ async def one_task_in_hand(
         yield queue, held, request_id
 
 
+@pytest.mark.parametrize("rejoined_first", [False, True], ids=["released", "rejoined-released"])
 async def test_a_task_in_hand_is_left_to_its_holder_until_it_gives_it_back(
-    broker: TansuBroker, postgres_url: str, postgres_db: Database, tmp_path: Path
+    broker: TansuBroker,
+    postgres_url: str,
+    postgres_db: Database,
+    tmp_path: Path,
+    rejoined_first: bool,
 ) -> None:
+    """The holder gives the task back before, or after, its consumer has rejoined the
+    group on the restarted broker (which revokes its partitions and assigns them back,
+    its records gone): either way its lease is given back and the task published again."""
     in_hand = one_task_in_hand(broker, postgres_url, postgres_db, tmp_path, lease=60)
     async with in_hand as (queue, held, request_id):
         assert await audited(queue) == [], "its holder still has it"
+        if rejoined_first:
+            assert isinstance(queue, KafkaQueue)
+
+            async def rejoined() -> bool:
+                assert await queue.receive(timeout=0.1) is None
+                return queue._receipt(held) is None  # a delivery from before the rebalance
+
+            await async_wait_until(rejoined, timeout=30, what="the member rejoined the group")
         await queue.release(held)  # as a worker does when it loses the partition, or stops
         assert await audited(queue) == [held.task_id]
         (again,) = await receive(queue, 1)

@@ -22,9 +22,10 @@
 - A rebalance revokes every partition of a member before it assigns its share back.
   The records of the tasks in hand on a partition that came back are read again and
   recognised: those deliveries go on, with their leases, and no task runs twice. A
-  delivery whose partition went to another member stops at its next renewal and gives
-  back its attempt, so rebalances never count against a task; if it finishes the task
-  first, the new owner's delivery is the one not counted.
+  delivery whose partition went to another member stops as soon as the group has
+  assigned the partition elsewhere (``moved``) and gives back its attempt, so
+  rebalances never count against a task; if it finishes the task first, the new
+  owner's delivery is the one not counted.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class _Receipt:
     partition: TopicPartition
     offset: int
     generation: int
+    task_id: int
 
     @property
     def place(self) -> Placement:
@@ -367,12 +369,13 @@ class KafkaQueue:
     def _accept(self, partition: TopicPartition, offset: int, value: bytes | None) -> None:
         try:
             body = json.loads(value or b"{}")
+            task_id = int(body["task_id"])
             message = TaskMessage(
-                int(body["task_id"]),
+                task_id,
                 str(body["request_id"]),
                 TaskKind(body["kind"]),
                 int(body.get("attempt", 0)),
-                _Receipt(partition, offset, self._generations.get(partition, 0)),
+                _Receipt(partition, offset, self._generations.get(partition, 0), task_id),
             )
         except (ValueError, KeyError, TypeError):
             log.error("skipping a malformed task record at %s@%d", partition, offset)
@@ -410,6 +413,16 @@ class KafkaQueue:
         if self._receipt(message) is None and not self._came_back(message):
             return False
         return await self.leases.renew(message.task_id)
+
+    def moved(self, message: TaskMessage) -> bool:
+        """The task's partition was revoked, and the group has assigned us a share that
+        does not hold it: its new owner delivers the task again."""
+        assigned = self.assigned_partitions
+        return (
+            self._receipt(message) is None
+            and bool(assigned)
+            and _receipt_partition(message) not in assigned
+        )
 
     def _came_back(self, message: TaskMessage) -> bool:
         """A delivery in hand whose partition a rebalance gave back to us, its record not
@@ -459,14 +472,22 @@ class KafkaQueue:
         """Leave it uncommitted: whoever owns the partition next receives it again; the
         row says ``queued`` until then.
 
-        A delivery whose partition went to another member gives back only its attempt:
-        the lease is the new holder's. A delivery whose task someone else finished or
-        published again has a record that is spent: its offset is done."""
+        A delivery whose partition was revoked gives the lease back while it is still
+        ours and no later delivery of ours holds it; otherwise it gives back only its
+        attempt: the lease is the later delivery's. A delivery whose task someone else
+        finished or published again has a record that is spent: its offset is done."""
+        stale = self._receipt(message) is None
         self._settled(message)
-        if self._receipt(message) is None:
+        if not stale:
+            if not await self.leases.release(message.task_id):
+                await self._done(message)
+        elif self._holds(message.task_id) or not await self.leases.release(message.task_id):
+            # A later delivery of the task holds the lease, ours or another member's.
             await self.leases.give_back_attempt(message.task_id)
-        elif not await self.leases.release(message.task_id):
-            await self._done(message)
+
+    def _holds(self, task_id: int) -> bool:
+        """Whether a delivery of the task is in our hands."""
+        return any(receipt.task_id == task_id for receipt in self._handed_out.values())
 
     def _settled(self, message: TaskMessage) -> None:
         receipt = message.receipt
