@@ -410,7 +410,7 @@ class KafkaQueue:
         """The task is ours while its partition is assigned to us (its next owner
         delivers it again) and no one took a later delivery of it; while it is, its
         lease in the database is kept alive, so the outbox audit leaves it be."""
-        if self._receipt(message) is None and not self._came_back(message):
+        if self._taken_over(message):
             return False
         return await self.leases.renew(message.task_id)
 
@@ -424,6 +424,11 @@ class KafkaQueue:
             and _receipt_partition(message) not in assigned
         )
 
+    def _taken_over(self, message: TaskMessage) -> bool:
+        """A delivery from before a rebalance whose partition did not come back to us
+        (or not yet): another member may hold the task now."""
+        return self._receipt(message) is None and not self._came_back(message)
+
     def _came_back(self, message: TaskMessage) -> bool:
         """A delivery in hand whose partition a rebalance gave back to us, its record not
         read again yet: still ours (no other member can hold its partition)."""
@@ -435,7 +440,7 @@ class KafkaQueue:
         )
 
     async def ack(self, message: TaskMessage) -> None:
-        taken_over = self._receipt(message) is None and not self._came_back(message)
+        taken_over = self._taken_over(message)
         self._settled(message)
         if taken_over:  # its partition went to another member, which may run it too
             await self.leases.finish_taken_over(message.task_id)
@@ -444,8 +449,9 @@ class KafkaQueue:
         await self._done(message)
 
     async def retry(self, message: TaskMessage, delay: float, error: str) -> None:
+        taken_over = self._taken_over(message)
         self._settled(message)
-        if self._receipt(message) is None:
+        if taken_over:
             # Its partition went to another member, which reads the record again and
             # runs the task; a retry published from here would be a second copy.
             log.info("task %s failed after it went to another member", message.task_id)

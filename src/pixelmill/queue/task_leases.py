@@ -127,13 +127,14 @@ class TaskLeases:
     @retry_transient
     async def give_back_attempt(self, task_id: int) -> None:
         """A delivery that was taken from us (its task went to another member) ended
-        without failing: its attempt is not counted. The lease is left to its holder."""
+        without failing: its attempt is not counted, even if the new holder has finished
+        the task meanwhile. The lease is left to its holder."""
         async with self.db.write() as conn:
             await conn.execute(
                 update(t.tasks)
                 .where(
                     (tasks.id == task_id)
-                    & tasks.state.in_(("queued", "leased"))
+                    & tasks.state.in_(("queued", "leased", "done"))
                     & (tasks.attempts > 0)
                 )
                 .values(attempts=tasks.attempts - 1)
