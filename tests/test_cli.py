@@ -321,7 +321,7 @@ def test_result_into_a_folder_is_refused_in_one_line(
 def test_database_commands_say_in_one_line_what_is_wrong(tmp_path: Path) -> None:
     """No traceback, and no empty database left where none was."""
     missing = pixelmill("tasks", "dead", env={"PIXELMILL_DATA_DIR": str(tmp_path / "none")})
-    unreachable = {"PIXELMILL_DATABASE_URL": "postgresql://postgres@127.0.0.1:9/pixelmill"}
+    unreachable = {"PIXELMILL_DATABASE_URL": "postgresql://postgres:secret@127.0.0.1:9/pixelmill"}
     upgrade = pixelmill("db", "upgrade", env=unreachable)
     dead = pixelmill("tasks", "dead", env=unreachable)
 
@@ -330,3 +330,5 @@ def test_database_commands_say_in_one_line_what_is_wrong(tmp_path: Path) -> None
     for result in (upgrade, dead):
         assert result.returncode == 1, result.stderr
         assert "cannot" in result.stderr and "Traceback" not in result.stderr
+        assert "postgresql://postgres:***@127.0.0.1:9/pixelmill" in result.stderr, "which one"
+        assert "PIXELMILL_DATABASE_URL" in result.stderr and "secret" not in result.stderr

@@ -261,7 +261,7 @@ def db_upgrade() -> None:
     try:
         upgrade(settings.database_url)
     except (OSError, SQLAlchemyError) as exc:
-        _database_failed("cannot upgrade the database", exc)
+        _database_failed("cannot upgrade", settings.database_url, exc)
     console.print("database is up to date")
 
 
@@ -305,13 +305,20 @@ async def _with_database(action: Callable[[Database], Awaitable[T]]) -> T:
     try:
         return await action(database)
     except (OSError, SQLAlchemyError) as exc:
-        _database_failed("cannot use the database", exc)
+        _database_failed("cannot use", url, exc)
     finally:
         await database.close()
 
 
-def _database_failed(what: str, exc: Exception) -> NoReturn:
-    """Say in one line why the database failed a command (the driver's own words), exit 1."""
+def _database_failed(what: str, url: str, exc: Exception) -> NoReturn:
+    """Say in one line which database failed a command and why (the driver's own
+    words), exit 1."""
+    from sqlalchemy.engine import make_url
+
     reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-    console.print(f"[red]{what}:[/red] {reason}", highlight=False)
+    shown = make_url(url).render_as_string(hide_password=True)
+    console.print(
+        f"[red]{what} the database {shown} (PIXELMILL_DATABASE_URL):[/red] {reason}",
+        highlight=False,
+    )
     raise typer.Exit(1) from None
