@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -40,9 +39,6 @@ from pixelmill.recorder import ResultRecorder
 from pixelmill.storage import Storage
 
 log = logging.getLogger(__name__)
-
-# How often a task in hand is checked for having moved to another worker (no I/O).
-MOVED_CHECK_SECONDS = 1.0
 
 
 def worker_name() -> str:
@@ -244,15 +240,8 @@ class Worker:
 
         async def keep() -> None:
             interval = self.settings.lease_seconds / 3
-            renew_at = time.monotonic() + interval
             while True:
-                await asyncio.sleep(min(MOVED_CHECK_SECONDS, max(0.0, renew_at - time.monotonic())))
-                if self.queue.moved(message):
-                    log.info("task %s went to another worker; abandoning it", message.task_id)
-                    break
-                if time.monotonic() < renew_at:
-                    continue
-                renew_at = time.monotonic() + interval
+                await asyncio.sleep(interval)
                 try:
                     renewed = await self.queue.renew(message)
                 except Exception:
@@ -260,9 +249,9 @@ class Worker:
                     continue
                 if not renewed:
                     log.warning("lost the lease of task %s; abandoning it", message.task_id)
-                    break
-            lease.lost = True
-            current.cancel()
+                    lease.lost = True
+                    current.cancel()
+                    return
 
         keeper = asyncio.create_task(keep())
         try:

@@ -119,7 +119,6 @@ async def test_a_partition_given_back_by_a_rebalance_leaves_the_task_in_hand_run
                 return bool(bystander.assignment()) and bool(queue.assigned_partitions)
 
             await async_wait_until(rebalanced, timeout=60, what="the partitions assigned again")
-            assert not queue.moved(message)
             assert await queue.renew(message), "before its record is read again, still ours"
             renewed_until = await _lease_expiry(db, message.task_id)
 
@@ -170,8 +169,6 @@ async def test_tasks_whose_partitions_move_to_another_member_run_there_counted_o
 
             await async_wait_until(settled, timeout=60, what="the moved tasks delivered")
             assert moved and len(moved) < len(held), "both members hold some of the tasks"
-            gone = {m.task_id for m in held if one.moved(m)}
-            assert gone == {m.task_id for m in moved}, "the first member knows which moved"
             # The first member finishes one of the moved tasks before it notices the move:
             # the second member's delivery of it is redundant, and is not counted. The
             # second member finishes another before the first lets it go.

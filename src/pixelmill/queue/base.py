@@ -39,11 +39,6 @@ class Queue(Protocol):
         """Extend the lease; False when it was lost (the task went to someone else)."""
         ...
 
-    def moved(self, message: TaskMessage) -> bool:
-        """Whether the task is known, without asking anyone, to be someone else's now
-        (checked often, between renewals, so that a moved task stops at once)."""
-        ...
-
     async def ack(self, message: TaskMessage) -> None:
         """The task is done; it is never delivered again."""
         ...

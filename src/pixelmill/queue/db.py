@@ -110,9 +110,6 @@ class DbQueue:
     async def renew(self, message: TaskMessage) -> bool:
         return await self.leases.renew(message.task_id)
 
-    def moved(self, message: TaskMessage) -> bool:
-        return False  # a lease here moves only when it runs out: renewals tell
-
     async def ack(self, message: TaskMessage) -> None:
         await self.leases.settle(message.task_id, "done", only_if_mine=True)
 

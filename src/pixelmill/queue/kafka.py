@@ -22,10 +22,9 @@
 - A rebalance revokes every partition of a member before it assigns its share back.
   The records of the tasks in hand on a partition that came back are read again and
   recognised: those deliveries go on, with their leases, and no task runs twice. A
-  delivery whose partition went to another member stops as soon as the group has
-  assigned the partition elsewhere (``moved``) and gives back its attempt, so
-  rebalances never count against a task; if it finishes the task first, the new
-  owner's delivery is the one not counted.
+  delivery whose partition went to another member stops at its next renewal and
+  gives back its attempt, so rebalances never count against a task; if it finishes
+  the task first, the new owner's delivery is the one not counted.
 """
 
 from __future__ import annotations
@@ -413,16 +412,6 @@ class KafkaQueue:
         if self._taken_over(message):
             return False
         return await self.leases.renew(message.task_id)
-
-    def moved(self, message: TaskMessage) -> bool:
-        """The task's partition was revoked, and the group has assigned us a share that
-        does not hold it: its new owner delivers the task again."""
-        assigned = self.assigned_partitions
-        return (
-            self._receipt(message) is None
-            and bool(assigned)
-            and _receipt_partition(message) not in assigned
-        )
 
     def _taken_over(self, message: TaskMessage) -> bool:
         """A delivery from before a rebalance whose partition did not come back to us

@@ -111,7 +111,7 @@ class TaskLeases:
     async def finish_taken_over(self, task_id: int) -> None:
         """Mark done a task that we finished after it was taken from us. Another member
         may hold a later delivery of it by now: that delivery is redundant, and is not
-        counted (its holder stops when it learns of the move)."""
+        counted (its holder stops at its next renewal)."""
         redundant = (
             (tasks.state == "leased") & (tasks.lease_owner != self.owner) & (tasks.attempts > 1)
         )
