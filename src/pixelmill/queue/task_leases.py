@@ -76,27 +76,21 @@ class TaskLeases:
             ).first()
         return int(row.attempts) if row else None
 
-    @retry_transient
     async def keep(self, task_id: int, place: Placement) -> bool:
         """Renew our lease for a delivery in our hands whose record was read at
         ``place`` again; no new delivery is counted. False when the lease is no longer
         ours (the task is finished, was published again, or someone else took it)."""
-        async with self.db.write() as conn:
-            result = await conn.execute(
-                update(t.tasks)
-                .where(self._mine(task_id) & _current(place))
-                .values(lease_expires_at=time.time() + self.lease_seconds)
-            )
-        return result.rowcount == 1
+        return await self._extend(self._mine(task_id) & _current(place))
 
-    @retry_transient
     async def renew(self, task_id: int) -> bool:
         """Extend our lease; False when someone took a later delivery of the task."""
+        return await self._extend(self._mine(task_id))
+
+    @retry_transient
+    async def _extend(self, row: ColumnElement[bool]) -> bool:
         async with self.db.write() as conn:
             result = await conn.execute(
-                update(t.tasks)
-                .where(self._mine(task_id))
-                .values(lease_expires_at=time.time() + self.lease_seconds)
+                update(t.tasks).where(row).values(lease_expires_at=time.time() + self.lease_seconds)
             )
         return result.rowcount == 1
 
@@ -124,11 +118,11 @@ class TaskLeases:
         values = {"available_at": time.time(), "attempts": tasks.attempts - 1}
         return await self._set(self._mine(task_id), "queued", values)
 
-    @retry_transient
     async def give_back_attempt(self, task_id: int) -> None:
         """A delivery that was taken from us (its task went to another member) ended
         without failing: its attempt is not counted, even if the new holder has finished
-        the task meanwhile. The lease is left to its holder."""
+        the task meanwhile. The lease is left to its holder. Not retried: a retry after
+        a lost answer would take a second attempt off; a failure leaves one too many."""
         async with self.db.write() as conn:
             await conn.execute(
                 update(t.tasks)
