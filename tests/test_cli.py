@@ -15,7 +15,7 @@ import pytest
 
 from tests.support.image_host import ImageHost
 from tests.support.images import decoded_size
-from tests.support.server import ServeProcess
+from tests.support.server import ServeProcess, free_port
 from tests.support.waiting import wait_until
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "products.csv"
@@ -332,3 +332,32 @@ def test_database_commands_say_in_one_line_what_is_wrong(tmp_path: Path) -> None
         assert "cannot" in result.stderr and "Traceback" not in result.stderr
         assert "postgresql://postgres:***@127.0.0.1:9/pixelmill" in result.stderr, "which one"
         assert "PIXELMILL_DATABASE_URL" in result.stderr and "secret" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["worker", "api", "serve"])
+def test_a_process_whose_database_or_broker_is_away_says_so_in_one_line(
+    name: str, tmp_path: Path
+) -> None:
+    """A long-running process started before (or without) its database or broker exits
+    1 naming the part and the setting, with no traceback and no password shown."""
+    command = [name] if name == "worker" else [name, "--port", str(free_port())]
+    away_database = {
+        "PIXELMILL_DATABASE_URL": "postgresql://postgres:secret@127.0.0.1:9/pixelmill",
+    }
+    away_broker = {
+        "PIXELMILL_DATA_DIR": str(tmp_path / "data"),
+        "PIXELMILL_QUEUE_URL": "kafka://127.0.0.1:9",
+    }
+
+    database = pixelmill(*command, env=away_database, timeout=60)
+    broker = pixelmill(*command, env=away_broker, timeout=60)
+
+    assert database.returncode == 1, database.stderr
+    assert "cannot migrate the database postgresql://postgres:***@127.0.0.1:9/pixelmill" in (
+        database.stderr
+    )
+    assert "(PIXELMILL_DATABASE_URL)" in database.stderr and "secret" not in database.stderr
+    assert broker.returncode == 1, broker.stderr
+    assert "cannot start the queue kafka://127.0.0.1:9 (PIXELMILL_QUEUE_URL)" in broker.stderr
+    for result in (database, broker):
+        assert "Traceback" not in result.stderr and "Connection" in result.stderr

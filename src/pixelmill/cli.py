@@ -90,10 +90,25 @@ def _run_server(settings: Settings, host: str, port: int, **app_options: bool) -
     import uvicorn
 
     from pixelmill.api.app import create_app
+    from pixelmill.startup import StartupError
+    from pixelmill.worker_main import run_async
 
+    # The database migrated and the queue reached before the server starts, so that a
+    # part that is away is said in one line rather than in uvicorn's traceback.
+    try:
+        run_async(_open_and_close(settings, migrate=app_options.pop("migrate", False)))
+    except StartupError as exc:
+        _fail_in_one_line(str(exc))
     application = create_app(settings, **app_options)
     _exit_zero_on_sigterm()
     uvicorn.run(application, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
+
+
+async def _open_and_close(settings: Settings, *, migrate: bool) -> None:
+    from pixelmill.runtime import Runtime
+
+    runtime = await Runtime.open(settings, migrate=migrate)
+    await runtime.close()
 
 
 def _public_url(host: str, port: int) -> str | None:
@@ -313,12 +328,13 @@ async def _with_database(action: Callable[[Database], Awaitable[T]]) -> T:
 def _database_failed(what: str, url: str, exc: Exception) -> NoReturn:
     """Say in one line which database failed a command and why (the driver's own
     words), exit 1."""
-    from sqlalchemy.engine import make_url
+    from pixelmill.startup import failure
 
-    reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-    shown = make_url(url).render_as_string(hide_password=True)
-    console.print(
-        f"[red]{what} the database {shown} (PIXELMILL_DATABASE_URL):[/red] {reason}",
-        highlight=False,
-    )
+    _fail_in_one_line(failure(what, "database", url, "PIXELMILL_DATABASE_URL", exc))
+
+
+def _fail_in_one_line(message: str) -> NoReturn:
+    from rich.text import Text
+
+    console.print(Text(message, style="red"), soft_wrap=True)
     raise typer.Exit(1) from None

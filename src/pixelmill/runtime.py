@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -13,6 +14,7 @@ from pixelmill.db.engine import Database
 from pixelmill.imaging import open_imaging
 from pixelmill.imaging.base import Imaging
 from pixelmill.queue import Queue, open_queue
+from pixelmill.startup import StartupError, failure
 from pixelmill.storage import Storage, open_storage
 from pixelmill.supervisor import WorkerProcesses
 from pixelmill.webhooks.dispatcher import WebhookDispatcher
@@ -57,18 +59,32 @@ class Runtime:
         if migrate:
             from pixelmill.db.migrate import upgrade_async  # Alembic: only where it runs
 
-            await upgrade_async(settings.database_url)
+            try:
+                await upgrade_async(settings.database_url)
+            except Exception as exc:
+                raise _database_failed("cannot migrate", settings, exc) from exc
         db = Database(
             settings.database_url,
             pool_size=settings.database_pool_size,
             sqlite_synchronous=settings.sqlite_synchronous,
         )
-        if throwaway:
-            async with db.write() as conn:
-                await conn.run_sync(tables.metadata.create_all)
         storage = storage or open_storage(settings.storage_url, settings.storage_base_url)
         queue = open_queue(settings, db, owner=worker_name())
-        await queue.start()
+        try:
+            if throwaway:
+                async with db.write() as conn:
+                    await conn.run_sync(tables.metadata.create_all)
+            try:
+                await queue.start()
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    await queue.close()
+                raise StartupError(
+                    failure("cannot start", "queue", settings.queue_url, "PIXELMILL_QUEUE_URL", exc)
+                ) from exc
+        except BaseException:
+            await db.close()
+            raise
         log.info(
             "pixelmill backends: database=%s queue=%s imaging=%s storage=%s",
             db.writer.url.render_as_string(hide_password=True),
@@ -149,3 +165,9 @@ class Runtime:
             await self.imaging.close()
         await self.queue.close()
         await self.db.close()
+
+
+def _database_failed(what: str, settings: Settings, exc: Exception) -> StartupError:
+    return StartupError(
+        failure(what, "database", settings.database_url, "PIXELMILL_DATABASE_URL", exc)
+    )

@@ -41,7 +41,13 @@ def run_worker_process(settings: Settings, *, migrate: bool) -> None:
         from pixelmill.imaging.inline import InlineImaging  # noqa: F401
     if not wait_at_gate():
         return  # the parent started this worker early, then found no work for it
-    run_async(_work(settings, migrate))
+    from pixelmill.startup import StartupError
+
+    try:
+        run_async(_work(settings, migrate))
+    except StartupError as exc:
+        logging.getLogger("pixelmill").error("%s", exc)
+        raise SystemExit(1) from None
 
 
 async def _work(settings: Settings, migrate: bool) -> None:

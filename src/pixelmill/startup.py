@@ -1,0 +1,41 @@
+"""Start-up failures said in one line: which part, at which address, and why.
+
+A process that cannot reach its database or its broker at start is misconfigured or
+early; its operator needs the setting to look at and the driver's own reason, not a
+traceback through the libraries.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+
+class StartupError(Exception):
+    """A part of the runtime could not be opened; the message says which and why."""
+
+
+def without_password(url: str) -> str:
+    """``url`` with the password of its user info, if any, shown as ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user_info, _, host = parts.netloc.rpartition("@")
+    user = user_info.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def reason(exc: BaseException) -> str:
+    """The first line of what the driver said (SQLAlchemy wraps it in ``orig``)."""
+    cause = getattr(exc, "orig", None) or exc
+    text = str(cause).splitlines()[0] if str(cause) else ""
+    name = type(cause).__name__
+    return text if text.startswith(name) or not text else f"{name}: {text}"
+
+
+def failure(what: str, part: str, url: str, setting: str, exc: BaseException) -> str:
+    """E.g. ``cannot reach the queue kafka://b:9092 (PIXELMILL_QUEUE_URL): ...``."""
+    why = reason(exc)
+    password = urlsplit(url).password
+    if password:  # drivers may quote the address they were given whole
+        why = why.replace(password, "***")
+    return f"{what} the {part} {without_password(url)} ({setting}): {why}"
