@@ -118,6 +118,8 @@ def _refused_urls(port: int) -> list[str]:
     return [
         f"http://127.0.0.1:{port}/img/cat.jpg",
         f"http://localhost:{port}/img/cat.jpg",
+        f"http://localhost.:{port}/img/cat.jpg",  # fully qualified: no resolver here has it
+        f"http://img.localhost:{port}/img/cat.jpg",  # every name under localhost
         f"http://2130706433:{port}/img/cat.jpg",  # 127.0.0.1 as one decimal number
         f"http://0x7f000001:{port}/img/cat.jpg",
         f"http://0x7f.1:{port}/img/cat.jpg",

@@ -80,3 +80,13 @@ class AddressPolicy:
         if self.allow_private:
             return None
         return forbidden_reason(address)
+
+    def name_refusal(self, host: str) -> str | None:
+        """Why the name ``host`` may not be resolved under this policy, or None: every
+        name under ``localhost`` is loopback (RFC 6761), whatever a resolver says."""
+        if self.allow_private:
+            return None
+        name = host.rstrip(".").lower()
+        if name == "localhost" or name.endswith(".localhost"):
+            return "a loopback name"
+        return None

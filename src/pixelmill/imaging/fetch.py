@@ -71,6 +71,9 @@ class GuardedResolver(AbstractResolver):
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
+        refusal = self.policy.name_refusal(host)
+        if refusal:  # not even asked of the resolver: some answer for it, some fail
+            raise ForbiddenAddressError(f"{host} is {refusal}")
         results = await self.inner.resolve(host, port, family)
         allowed = []
         refusals = []
