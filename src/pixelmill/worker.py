@@ -63,7 +63,11 @@ class RetryPolicy:
 
 @dataclass
 class _Lease:
-    lost: bool = False
+    """A worker's hold on one task in hand."""
+
+    message: TaskMessage
+    lost: bool = False  # someone else holds it now: the work is cancelled
+    not_started: int = 0  # images not started because the task went to another worker
 
 
 @dataclass(eq=False)
@@ -204,7 +208,7 @@ class Worker:
 
     async def _handle(self, message: TaskMessage) -> None:
         poison = message.kind is TaskKind.PROCESS and message.attempt > self.settings.task_attempts
-        lease = _Lease()
+        lease = _Lease(message)
         try:
             async with self._lease(message, lease):
                 if poison:
@@ -216,7 +220,7 @@ class Worker:
                 elif message.kind is TaskKind.FINALIZE:
                     await self.finalize(message.request_id)
                 else:
-                    await self.process_task(message.task_id)
+                    await self._process_while_held(lease)
         except asyncio.CancelledError:
             if not lease.lost:
                 raise
@@ -229,6 +233,14 @@ class Worker:
         except Exception as exc:
             log.exception("task %s failed (attempt %d)", message.task_id, message.attempt)
             await self.queue.retry(message, self.retry.delay(message.attempt), repr(exc))
+            return
+        if lease.not_started:
+            log.info(
+                "task %s went to another worker, which runs its %d images not started here",
+                message.task_id,
+                lease.not_started,
+            )
+            await self.queue.release(message)
             return
         await self.queue.ack(message)
 
@@ -247,6 +259,8 @@ class Worker:
                 except Exception:
                     log.warning("renewing the lease of task %s failed", message.task_id)
                     continue
+                if not renewed and await self.queue.moved(message):
+                    continue  # no image of it starts; those in flight finish and are recorded
                 if not renewed:
                     log.warning("lost the lease of task %s; abandoning it", message.task_id)
                     lease.lost = True
@@ -260,8 +274,18 @@ class Worker:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
 
-    async def process_task(self, task_id: int) -> None:
-        """Process every image of the task that is not terminal yet."""
+    async def _process_while_held(self, lease: _Lease) -> None:
+        """Process the task; images left unstarted while it had moved are taken up again
+        if it came back (a later rebalance returned its partition) before the end."""
+        while True:
+            lease.not_started = 0
+            await self.process_task(lease.message.task_id, lease)
+            if not lease.not_started or await self.queue.moved(lease.message):
+                return
+
+    async def process_task(self, task_id: int, lease: _Lease | None = None) -> None:
+        """Process every image of the task that is not terminal yet (those not started
+        before the task ``moved`` are left to the worker it went to)."""
         task = await work.start_task(self.db, task_id)
         if task is None:
             return
@@ -271,7 +295,7 @@ class Worker:
         try:
             await asyncio.gather(
                 *(
-                    self._process_and_record(task.request_id, task.options, image, unstarted)
+                    self._process_and_record(task.request_id, task.options, image, unstarted, lease)
                     for image in task.images
                 )
             )
@@ -300,15 +324,17 @@ class Worker:
         options: ProcessingOptions,
         image: ImageRecord,
         unstarted: _Unstarted | None = None,
+        lease: _Lease | None = None,
     ) -> None:
         self._images_in_hand += 1
         try:
-            result = await self._process_image(request_id, options, image, unstarted)
+            result = await self._process_image(request_id, options, image, unstarted, lease)
         finally:
             self._images_in_hand -= 1
         if self._images_in_hand == 0:
             self.recorder.flush()  # nothing else is coming to share the transaction
-        await self.recorder.record(request_id, result)
+        if result is not None:
+            await self.recorder.record(request_id, result)
 
     async def _process_image(
         self,
@@ -316,7 +342,10 @@ class Worker:
         options: ProcessingOptions,
         image: ImageRecord,
         unstarted: _Unstarted | None = None,
-    ) -> work.ImageResult:
+        lease: _Lease | None = None,
+    ) -> work.ImageResult | None:
+        """The image's outcome, after its transient failures were retried; None when
+        its task moved to another worker before the image (or its next try) started."""
         stem = f"{request_id}/{image.row_index + 1}-{image.position}"
         # Pending when its task was taken: no attempt before this one has started it.
         fresh = image.status is ImageStatus.PENDING
@@ -328,6 +357,10 @@ class Worker:
                     unstarted.images -= 1
                     unstarted = None
                     self._capacity_changed.set()
+                if lease is not None and await self.queue.moved(lease.message):
+                    lease.not_started += 1
+                    self._capacity_changed.set()  # this slot is free again at once
+                    return None
                 try:
                     outcome = await self.imaging.process(
                         image.input_url, options, stem, fresh=fresh and attempt == 0

@@ -111,7 +111,8 @@ def test_faulty_and_hostile_sources_in_a_large_request(
         for image in images(cluster, request_id)
     }
     wrong = {url: (got, expected[url]) for url, got in outcomes.items() if got != expected[url]}
-    assert not wrong, f"{len(wrong)} images ended otherwise: {list(wrong.items())[:5]}"
+    fetched = {url: fetches(image_host, url) for url in wrong}
+    assert not wrong, f"{len(wrong)} ended otherwise (got, expected; fetches): {fetched} {wrong}"
     assert status["status"] == "completed"
     for url, (_status, code, attempts) in expected.items():
         if code in ("http_error", "too_large", "too_many_pixels"):

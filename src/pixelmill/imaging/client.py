@@ -155,6 +155,10 @@ class HttpImaging:
                     text = (await response.text(errors="replace"))[:200]
                     return self._failed(instance, f"HTTP {response.status}: {text}")
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            # The service may have started on the image: the next try may fetch it again.
+            log.info(
+                "no answer from %s for %s: %s", instance.url, body["source_url"], _describe(exc)
+            )
             return self._failed(instance, _describe(exc))
         finally:
             instance.in_flight -= 1

@@ -30,6 +30,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import json
 import logging
@@ -65,6 +66,9 @@ class KafkaConfig:
     session_timeout_ms: int = 10_000
     # How often each process looks for published tasks that the brokers lost.
     audit_interval_ms: int = 5_000
+    # The name the brokers know this process's clients by (their logs, quotas and
+    # metrics); a group member's id starts with it.
+    client_id: str = "pixelmill"
 
     @classmethod
     def from_url(cls, url: str) -> KafkaConfig:
@@ -75,7 +79,9 @@ class KafkaConfig:
                 "?topic=...&partitions=..."
             )
         query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-        known = {"topic", "partitions", "group", "session_timeout_ms", "audit_interval_ms"}
+        known = {
+            "topic", "partitions", "group", "session_timeout_ms", "audit_interval_ms", "client_id",
+        }  # fmt: skip
         unknown = set(query) - known
         if unknown:
             raise ValueError(f"PIXELMILL_QUEUE_URL: unknown parameter(s) {sorted(unknown)}")
@@ -86,6 +92,7 @@ class KafkaConfig:
             group=query.get("group", cls.group),
             session_timeout_ms=int(query.get("session_timeout_ms", cls.session_timeout_ms)),
             audit_interval_ms=int(query.get("audit_interval_ms", cls.audit_interval_ms)),
+            client_id=query.get("client_id", cls.client_id),
         )
 
     @property
@@ -168,6 +175,9 @@ class KafkaQueue:
         self._generations: dict[TopicPartition, int] = {}
         # The deliveries handed out and not yet settled, by record.
         self._handed_out: dict[tuple[TopicPartition, int], _Receipt] = {}
+        # Clear from a revocation until the assignment that follows it.
+        self._assignment_settled = asyncio.Event()
+        self._rebalance_patience = lease_seconds / 3
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._pump: asyncio.Task[None] | None = None
@@ -193,7 +203,10 @@ class KafkaQueue:
                 return
             await self.log.start()
             producer = AIOKafkaProducer(
-                bootstrap_servers=self.config.bootstrap, enable_idempotence=False, acks="all"
+                bootstrap_servers=self.config.bootstrap,
+                client_id=self.config.client_id,
+                enable_idempotence=False,
+                acks="all",
             )
             await producer.start()
             self._producer = producer
@@ -212,6 +225,7 @@ class KafkaQueue:
     async def _create_consumer(self) -> None:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.config.bootstrap,
+            client_id=self.config.client_id,
             group_id=self.config.group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -428,11 +442,23 @@ class KafkaQueue:
             and receipt.partition in self.assigned_partitions
         )
 
+    async def moved(self, message: TaskMessage) -> bool:
+        if not self._taken_over(message):
+            return False
+        if not self._assignment_settled.is_set():
+            # Every rebalance revokes all partitions before it assigns any, and this
+            # one may come back. Wait for the assignment, but not for ever: a member
+            # cut off from the group gets none.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._rebalance_patience):
+                    await self._assignment_settled.wait()
+        return self._taken_over(message)
+
     async def ack(self, message: TaskMessage) -> None:
         taken_over = self._taken_over(message)
         self._settled(message)
         if taken_over:  # its partition went to another member, which may run it too
-            await self.leases.finish_taken_over(message.task_id)
+            await self.leases.finish_taken_over(message.task_id, message.attempt)
         else:
             await self.leases.settle(message.task_id, "done")
         await self._done(message)
@@ -524,8 +550,13 @@ class KafkaQueue:
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Commit what is done on the partitions we lose, then forget them."""
+        self._assignment_settled.clear()
         await self._commit(revoked)
         self._forget(revoked)
+
+    def on_assigned(self) -> None:
+        """The rebalance is over: every delivery knows whether its partition is ours."""
+        self._assignment_settled.set()
 
     def _forget(self, partitions: set[TopicPartition]) -> None:
         """Drop what we hold of these partitions: offsets, and tasks not handed out yet.
@@ -569,3 +600,4 @@ class _Rebalance(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("kafka partitions assigned: %s", sorted(p.partition for p in assigned))
+        self.queue.on_assigned()

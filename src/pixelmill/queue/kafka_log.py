@@ -45,11 +45,14 @@ class KafkaLog:
 
     async def start(self) -> None:
         """Connect, and create the topics that are missing."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.config.bootstrap)
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self.config.bootstrap, client_id=self.config.client_id
+        )
         await admin.start()
         self._admin = admin
         reader = AIOKafkaConsumer(
             bootstrap_servers=self.config.bootstrap,
+            client_id=self.config.client_id,
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="none",  # a place out of range is an error, not a jump

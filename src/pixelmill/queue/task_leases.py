@@ -102,14 +102,11 @@ class TaskLeases:
         row = self._mine(task_id) if only_if_mine else tasks.id == task_id
         await self._set(row, state, values)
 
-    async def finish_taken_over(self, task_id: int) -> None:
-        """Mark done a task that we finished after it was taken from us. Another member
-        may hold a later delivery of it by now: that delivery is redundant, and is not
-        counted (its holder stops at its next renewal)."""
-        redundant = (
-            (tasks.state == "leased") & (tasks.lease_owner != self.owner) & (tasks.attempts > 1)
-        )
-        attempts = case((redundant, tasks.attempts - 1), else_=tasks.attempts)
+    async def finish_taken_over(self, task_id: int, attempt: int) -> None:
+        """Mark done a task that we finished after it was taken from us, in our delivery
+        number ``attempt``. A later delivery of it (held by another member by now, or
+        finished there too) is redundant, and is not counted."""
+        attempts = case((tasks.attempts > attempt, tasks.attempts - 1), else_=tasks.attempts)
         await self._set(tasks.id == task_id, "done", {"attempts": attempts})
 
     async def release(self, task_id: int) -> bool:
