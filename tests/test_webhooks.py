@@ -302,7 +302,8 @@ TWO = {"Authorization": "Bearer key-two"}
     ("webhook_url", "why"),
     [
         ("http://127.0.0.1:9/hook", "loopback"),
-        ("http://localhost:9/hook", "localhost resolves only to refused addresses"),
+        ("http://localhost:9/hook", "localhost is a loopback name"),
+        ("http://hooks.localhost:9/hook", "hooks.localhost is a loopback name"),
         ("http://10.1.2.3/hook", "private"),
         ("http://169.254.169.254/latest", "metadata"),
         ("http://[::1]:9/hook", "loopback"),

@@ -255,13 +255,11 @@ class Worker:
             while True:
                 await asyncio.sleep(interval)
                 try:
-                    renewed = await self.queue.renew(message)
+                    held = await self._still_held(message)
                 except Exception:
                     log.warning("renewing the lease of task %s failed", message.task_id)
                     continue
-                if not renewed and await self.queue.moved(message):
-                    continue  # no image of it starts; those in flight finish and are recorded
-                if not renewed:
+                if not held:
                     log.warning("lost the lease of task %s; abandoning it", message.task_id)
                     lease.lost = True
                     current.cancel()
@@ -273,6 +271,15 @@ class Worker:
         finally:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
+
+    async def _still_held(self, message: TaskMessage) -> bool:
+        """Renew the lease: False only when someone else holds the task. A task that
+        moved (a rebalance) is still ours to drain: none of its images starts, those in
+        flight finish and are recorded."""
+        if await self.queue.renew(message) or await self.queue.moved(message):
+            return True
+        # It may have come back while we asked (the rebalance ended meanwhile).
+        return await self.queue.renew(message)
 
     async def _process_while_held(self, lease: _Lease) -> None:
         """Process the task; images left unstarted while it had moved are taken up again

@@ -95,6 +95,25 @@ async def test_an_unacknowledged_task_comes_back_with_its_delivery_counted(
     assert states[acked.task_id] == ("done", 1)
 
 
+async def test_a_released_task_comes_back_to_its_member_without_a_delivery_counted(
+    queue_settings: Settings, db: Database, tmp_path: Path
+) -> None:
+    """A worker hands a task back undone (it shuts down, or the task moved while it
+    held it) and stays: the task is delivered again, here if no one else is there, and
+    the release does not count as a delivery."""
+    request_id = await stage(db, tmp_path, rows=2)  # one task
+    async with member(queue_settings, db, "worker-a") as queue:
+        queue.wake()
+        (message,) = await receive(queue, 1)
+        await queue.release(message)
+
+        (again,) = await receive(queue, 1, timeout=10)
+        assert again.task_id == message.task_id
+        assert again.attempt == 1, "a release is not a failed delivery"
+        await queue.ack(again)
+    assert await tasks_of(db, request_id) == {message.task_id: ("done", 1)}
+
+
 async def test_a_retry_waits_for_its_delay_and_is_dead_after_the_last_delivery(
     queue_settings: Settings, db: Database, tmp_path: Path
 ) -> None:

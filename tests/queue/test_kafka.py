@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from pixelmill.config import Settings
 from pixelmill.csvio import CsvLimits
@@ -27,7 +27,7 @@ from pixelmill.db.ingest import stage_request
 from pixelmill.domain import ProcessingOptions
 from pixelmill.queue import TaskMessage
 from pixelmill.queue.kafka import KafkaConfig, KafkaQueue, encode_task
-from pixelmill.queue.outbox import TaskRecord
+from pixelmill.queue.outbox import Placement, TaskRecord
 from pixelmill.queue.task_leases import TaskLeases
 from pixelmill.runtime import Runtime
 from tests.support.backends import Backend
@@ -225,8 +225,48 @@ async def test_a_released_task_that_another_member_finished_has_its_record_commi
     assert await tasks_of(db, request_id) == {message.task_id: ("done", 1)}
 
 
+# Two deliveries of one task after a move, "a" (the first holder) then "b", each ending
+# as KafkaQueue does: "finished" (an ack, whether or not the task was taken over
+# meanwhile) or "gave back" (the release of a drained delivery), in either order.
+FINISHING_ORDERS = [
+    [("a", "finished"), ("b", "finished")],
+    [("b", "finished"), ("a", "finished")],
+    [("a", "finished"), ("b", "gave back")],
+    [("b", "finished"), ("a", "gave back")],
+    [("a", "gave back"), ("b", "finished")],
+    [("b", "gave back"), ("a", "finished")],
+]
+
+
+@pytest.mark.parametrize("order", FINISHING_ORDERS, ids=lambda o: " then ".join(map(" ".join, o)))
+async def test_a_task_delivered_twice_by_a_move_counts_one_attempt_however_it_ends(
+    db: Database, tmp_path: Path, order: list[tuple[str, str]]
+) -> None:
+    request_id = await stage(db, tmp_path, rows=2)  # one task
+    (task_id,) = await tasks_of(db, request_id)
+    place = Placement("tasks", 0, 7)
+    async with db.write() as conn:
+        await conn.execute(
+            update(t.tasks)
+            .where(t.tasks.c.id == task_id)
+            .values(published_at=1.0, **place.columns())
+        )
+    holders = {name: TaskLeases(db, f"worker-{name}", lease_seconds=60) for name in "ab"}
+    attempts = {name: await holders[name].take(task_id, place) for name in "ab"}
+    assert attempts == {"a": 1, "b": 2}
+
+    for name, end in order:
+        leases, attempt = holders[name], attempts[name]
+        if end == "finished":
+            await leases.finish(task_id, attempt)
+        elif not await leases.release(task_id):  # "gave back", as KafkaQueue.release does
+            await leases.give_back_attempt(task_id, attempt)
+
+    assert await tasks_of(db, request_id) == {task_id: ("done", 1)}
+
+
 MOVE_CONCURRENCY = 2  # images in flight at each worker
-MOVE_TASK_IMAGES = 12  # below 16, the tail of the input is not cut finer
+MOVE_TASK_IMAGES = 15  # below 16, the tail of the input is not cut finer
 
 
 async def test_a_worker_whose_task_moves_starts_none_of_its_images_after_the_move(
@@ -257,7 +297,9 @@ async def test_a_worker_whose_task_moves_starts_none_of_its_images_after_the_mov
         )
 
     tag = uuid.uuid4().hex[:8]
-    urls = [image_host.url(f"slow/500/cat.jpg?move={tag}-{i}") for i in range(36)]
+    # A task lasts 5 s at the first worker; it joins 1.5 s in, and the move lands
+    # seconds before the task's last images start.
+    urls = [image_host.url(f"slow/700/cat.jpg?move={tag}-{i}") for i in range(45)]
     csv_path = tmp_path / "in.csv"
     csv_path.write_text(
         "S. No.,Product Name,Input Image Urls\n"

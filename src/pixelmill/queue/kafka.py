@@ -445,6 +445,8 @@ class KafkaQueue:
     async def moved(self, message: TaskMessage) -> bool:
         if not self._taken_over(message):
             return False
+        if self._superseded(message):
+            return True
         if not self._assignment_settled.is_set():
             # Every rebalance revokes all partitions before it assigns any, and this
             # one may come back. Wait for the assignment, but not for ever: a member
@@ -454,13 +456,19 @@ class KafkaQueue:
                     await self._assignment_settled.wait()
         return self._taken_over(message)
 
+    def _superseded(self, message: TaskMessage) -> bool:
+        """A later delivery of ours, from the same record, replaced this one."""
+        receipt = message.receipt
+        if not isinstance(receipt, _Receipt):
+            return False
+        current = self._handed_out.get(receipt.record)
+        return current is not None and current is not receipt
+
     async def ack(self, message: TaskMessage) -> None:
-        taken_over = self._taken_over(message)
+        # Another member may hold (or have finished) a delivery of it, if its partition
+        # moved: the task still counts one delivery for its success.
         self._settled(message)
-        if taken_over:  # its partition went to another member, which may run it too
-            await self.leases.finish_taken_over(message.task_id, message.attempt)
-        else:
-            await self.leases.settle(message.task_id, "done")
+        await self.leases.finish(message.task_id, message.attempt)
         await self._done(message)
 
     async def retry(self, message: TaskMessage, delay: float, error: str) -> None:
@@ -490,8 +498,9 @@ class KafkaQueue:
         await self._done(message)
 
     async def release(self, message: TaskMessage) -> None:
-        """Leave it uncommitted: whoever owns the partition next receives it again; the
-        row says ``queued`` until then.
+        """Leave it uncommitted, and deliver it again from here (the row says ``queued``
+        until then); if this member stops or loses the partition first, whoever owns
+        the partition next receives it again.
 
         A delivery whose partition was revoked gives the lease back while it is still
         ours and no later delivery of ours holds it; otherwise it gives back only its
@@ -500,11 +509,14 @@ class KafkaQueue:
         stale = self._receipt(message) is None
         self._settled(message)
         if not stale:
-            if not await self.leases.release(message.task_id):
+            if await self.leases.release(message.task_id):
+                # Its offset is still in hand: the consumer will not read it again.
+                self._buffer.put_nowait(message)
+            else:
                 await self._done(message)
         elif self._holds(message.task_id) or not await self.leases.release(message.task_id):
             # A later delivery of the task holds the lease, ours or another member's.
-            await self.leases.give_back_attempt(message.task_id)
+            await self.leases.give_back_attempt(message.task_id, message.attempt)
 
     def _holds(self, task_id: int) -> bool:
         """Whether a delivery of the task is in our hands."""

@@ -102,11 +102,17 @@ class TaskLeases:
         row = self._mine(task_id) if only_if_mine else tasks.id == task_id
         await self._set(row, state, values)
 
-    async def finish_taken_over(self, task_id: int, attempt: int) -> None:
-        """Mark done a task that we finished after it was taken from us, in our delivery
-        number ``attempt``. A later delivery of it (held by another member by now, or
-        finished there too) is redundant, and is not counted."""
-        attempts = case((tasks.attempts > attempt, tasks.attempts - 1), else_=tasks.attempts)
+    async def finish(self, task_id: int, attempt: int) -> None:
+        """Mark done a task that our delivery number ``attempt`` finished. After a move
+        (a rebalance) two deliveries may hold it, and both may finish it: one is then
+        redundant and not counted, a later one (held by another member by now), or
+        ours if another finished the task first. Retried after a lost connection, as
+        every settle (a stuck ack would hold the record for ever); if the lost try had
+        committed, a redundant delivery is uncounted twice, which only lowers the count."""
+        redundant = (tasks.attempts > attempt) | (
+            (tasks.state == "done") & (tasks.attempts >= attempt) & (tasks.attempts > 0)
+        )
+        attempts = case((redundant, tasks.attempts - 1), else_=tasks.attempts)
         await self._set(tasks.id == task_id, "done", {"attempts": attempts})
 
     async def release(self, task_id: int) -> bool:
@@ -115,17 +121,20 @@ class TaskLeases:
         values = {"available_at": time.time(), "attempts": tasks.attempts - 1}
         return await self._set(self._mine(task_id), "queued", values)
 
-    async def give_back_attempt(self, task_id: int) -> None:
-        """A delivery that was taken from us (its task went to another member) ended
-        without failing: its attempt is not counted, even if the new holder has finished
-        the task meanwhile. The lease is left to its holder. Not retried: a retry after
-        a lost answer would take a second attempt off; a failure leaves one too many."""
+    async def give_back_attempt(self, task_id: int, attempt: int) -> None:
+        """Our delivery number ``attempt``, taken from us (its task went to another
+        member), ended without failing: it is not counted, even if the new holder has
+        finished the task meanwhile, unless that finish took it off already
+        (:meth:`finish`). The lease is left to its holder. Not
+        retried: a retry after a lost answer would take a second attempt off; a failure
+        leaves one too many."""
         async with self.db.write() as conn:
             await conn.execute(
                 update(t.tasks)
                 .where(
                     (tasks.id == task_id)
                     & tasks.state.in_(("queued", "leased", "done"))
+                    & (tasks.attempts >= attempt)
                     & (tasks.attempts > 0)
                 )
                 .values(attempts=tasks.attempts - 1)
