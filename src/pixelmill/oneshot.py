@@ -55,7 +55,7 @@ def process_file(
         from pixelmill.runtime import Runtime  # noqa: F401
         from pixelmill.worker_main import run_async, run_worker_process
 
-        helpers.fork(lambda: run_worker_process(local, migrate=False))
+        helpers.fork(lambda: run_worker_process(local, migrate=False, webhooks=False))
         terminated: list[int] = []
         try:
             return run_async(_process(local, helpers, file, out, console, options, terminated))

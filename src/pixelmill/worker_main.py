@@ -27,10 +27,11 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
-def run_worker_process(settings: Settings, *, migrate: bool) -> None:
+def run_worker_process(settings: Settings, *, migrate: bool, webhooks: bool = True) -> None:
     """Import what a worker needs, wait at the gate if the parent set one, then work
     until SIGTERM, SIGINT or the parent's leaving. ``migrate`` is for a worker that no
-    parent has migrated the database for."""
+    parent has migrated the database for; ``webhooks`` runs the webhook dispatcher
+    beside it (not for a one-shot run, whose request has none)."""
     # The slow imports, before the gate: the runtime, and the codecs if images are
     # processed in this process.
     from pixelmill.imaging import imaging_is_inline
@@ -44,18 +45,18 @@ def run_worker_process(settings: Settings, *, migrate: bool) -> None:
     from pixelmill.startup import StartupError
 
     try:
-        run_async(_work(settings, migrate))
+        run_async(_work(settings, migrate, webhooks))
     except StartupError as exc:
         logging.getLogger("pixelmill").error("%s", exc)
         raise SystemExit(1) from None
 
 
-async def _work(settings: Settings, migrate: bool) -> None:
+async def _work(settings: Settings, migrate: bool, webhooks: bool) -> None:
     from pixelmill.runtime import Runtime
     from pixelmill.supervisor import follow_parent
 
     runtime = await Runtime.open(settings, migrate=migrate)
-    worker = runtime.start_worker()
+    worker = runtime.start_worker(webhooks=webhooks)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
