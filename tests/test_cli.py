@@ -342,6 +342,7 @@ def test_a_process_whose_database_or_broker_is_away_says_so_in_one_line(
     1 naming the part and the setting, with no traceback and no password shown."""
     command = [name] if name == "worker" else [name, "--port", str(free_port())]
     away_database = {
+        "PIXELMILL_DATA_DIR": str(tmp_path / "data"),
         "PIXELMILL_DATABASE_URL": "postgresql://postgres:secret@127.0.0.1:9/pixelmill",
     }
     away_broker = {
