@@ -63,11 +63,7 @@ class RetryPolicy:
 
 @dataclass
 class _Lease:
-    """A worker's hold on one task in hand."""
-
-    message: TaskMessage
-    lost: bool = False  # someone else holds it now: the work is cancelled
-    not_started: int = 0  # images not started because the task went to another worker
+    lost: bool = False
 
 
 @dataclass(eq=False)
@@ -208,7 +204,7 @@ class Worker:
 
     async def _handle(self, message: TaskMessage) -> None:
         poison = message.kind is TaskKind.PROCESS and message.attempt > self.settings.task_attempts
-        lease = _Lease(message)
+        lease = _Lease()
         try:
             async with self._lease(message, lease):
                 if poison:
@@ -220,7 +216,7 @@ class Worker:
                 elif message.kind is TaskKind.FINALIZE:
                     await self.finalize(message.request_id)
                 else:
-                    await self._process_while_held(lease)
+                    await self.process_task(message.task_id)
         except asyncio.CancelledError:
             if not lease.lost:
                 raise
@@ -233,14 +229,6 @@ class Worker:
         except Exception as exc:
             log.exception("task %s failed (attempt %d)", message.task_id, message.attempt)
             await self.queue.retry(message, self.retry.delay(message.attempt), repr(exc))
-            return
-        if lease.not_started:
-            log.info(
-                "task %s went to another worker, which runs its %d images not started here",
-                message.task_id,
-                lease.not_started,
-            )
-            await self.queue.release(message)
             return
         await self.queue.ack(message)
 
@@ -255,11 +243,11 @@ class Worker:
             while True:
                 await asyncio.sleep(interval)
                 try:
-                    held = await self._still_held(message)
+                    renewed = await self.queue.renew(message)
                 except Exception:
                     log.warning("renewing the lease of task %s failed", message.task_id)
                     continue
-                if not held:
+                if not renewed:
                     log.warning("lost the lease of task %s; abandoning it", message.task_id)
                     lease.lost = True
                     current.cancel()
@@ -272,27 +260,8 @@ class Worker:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
 
-    async def _still_held(self, message: TaskMessage) -> bool:
-        """Renew the lease: False only when someone else holds the task. A task that
-        moved (a rebalance) is still ours to drain: none of its images starts, those in
-        flight finish and are recorded."""
-        if await self.queue.renew(message) or await self.queue.moved(message):
-            return True
-        # It may have come back while we asked (the rebalance ended meanwhile).
-        return await self.queue.renew(message)
-
-    async def _process_while_held(self, lease: _Lease) -> None:
-        """Process the task; images left unstarted while it had moved are taken up again
-        if it came back (a later rebalance returned its partition) before the end."""
-        while True:
-            lease.not_started = 0
-            await self.process_task(lease.message.task_id, lease)
-            if not lease.not_started or await self.queue.moved(lease.message):
-                return
-
-    async def process_task(self, task_id: int, lease: _Lease | None = None) -> None:
-        """Process every image of the task that is not terminal yet (those not started
-        before the task ``moved`` are left to the worker it went to)."""
+    async def process_task(self, task_id: int) -> None:
+        """Process every image of the task that is not terminal yet."""
         task = await work.start_task(self.db, task_id)
         if task is None:
             return
@@ -302,7 +271,7 @@ class Worker:
         try:
             await asyncio.gather(
                 *(
-                    self._process_and_record(task.request_id, task.options, image, unstarted, lease)
+                    self._process_and_record(task.request_id, task.options, image, unstarted)
                     for image in task.images
                 )
             )
@@ -331,17 +300,15 @@ class Worker:
         options: ProcessingOptions,
         image: ImageRecord,
         unstarted: _Unstarted | None = None,
-        lease: _Lease | None = None,
     ) -> None:
         self._images_in_hand += 1
         try:
-            result = await self._process_image(request_id, options, image, unstarted, lease)
+            result = await self._process_image(request_id, options, image, unstarted)
         finally:
             self._images_in_hand -= 1
         if self._images_in_hand == 0:
             self.recorder.flush()  # nothing else is coming to share the transaction
-        if result is not None:
-            await self.recorder.record(request_id, result)
+        await self.recorder.record(request_id, result)
 
     async def _process_image(
         self,
@@ -349,10 +316,7 @@ class Worker:
         options: ProcessingOptions,
         image: ImageRecord,
         unstarted: _Unstarted | None = None,
-        lease: _Lease | None = None,
-    ) -> work.ImageResult | None:
-        """The image's outcome, after its transient failures were retried; None when
-        its task moved to another worker before the image (or its next try) started."""
+    ) -> work.ImageResult:
         stem = f"{request_id}/{image.row_index + 1}-{image.position}"
         # Pending when its task was taken: no attempt before this one has started it.
         fresh = image.status is ImageStatus.PENDING
@@ -364,10 +328,6 @@ class Worker:
                     unstarted.images -= 1
                     unstarted = None
                     self._capacity_changed.set()
-                if lease is not None and await self.queue.moved(lease.message):
-                    lease.not_started += 1
-                    self._capacity_changed.set()  # this slot is free again at once
-                    return None
                 try:
                     outcome = await self.imaging.process(
                         image.input_url, options, stem, fresh=fresh and attempt == 0

@@ -6,12 +6,9 @@ Kafka-protocol broker; the outbox audit is in test_audit.py."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -19,20 +16,14 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from sqlalchemy import select, update
 
 from pixelmill.config import Settings
-from pixelmill.csvio import CsvLimits
 from pixelmill.db import tables as t
-from pixelmill.db import work
 from pixelmill.db.engine import Database
-from pixelmill.db.ingest import stage_request
-from pixelmill.domain import ProcessingOptions
 from pixelmill.queue import TaskMessage
 from pixelmill.queue.kafka import KafkaConfig, KafkaQueue, encode_task
 from pixelmill.queue.outbox import Placement, TaskRecord
 from pixelmill.queue.task_leases import TaskLeases
-from pixelmill.runtime import Runtime
 from tests.support.backends import Backend
 from tests.support.databases import migrated
-from tests.support.image_host import ImageHost
 from tests.support.queues import member, receive, stage, tasks_of
 from tests.support.waiting import async_wait_until
 
@@ -263,110 +254,6 @@ async def test_a_task_delivered_twice_by_a_move_counts_one_attempt_however_it_en
             await leases.give_back_attempt(task_id, attempt)
 
     assert await tasks_of(db, request_id) == {task_id: ("done", 1)}
-
-
-MOVE_CONCURRENCY = 2  # images in flight at each worker
-MOVE_TASK_IMAGES = 15  # below 16, the tail of the input is not cut finer
-
-
-async def test_a_worker_whose_task_moves_starts_none_of_its_images_after_the_move(
-    backend: Backend, tmp_path: Path, image_host: ImageHost
-) -> None:
-    """The partition of a task in hand goes to a worker that joins the group. The first
-    worker lets the images in flight finish and be recorded, starts no more of the
-    task, and hands it back; the newcomer runs the rest. Only the images in flight at
-    the move are fetched by both, and every task counts one attempt."""
-    # One partition, and one of the retry topic: the group's round-robin gives the task
-    # partition to the member whose id sorts first, and a member id starts with its
-    # client id. So the newcomer, "a...", takes it from the first worker, "z...".
-    queue_url = backend.queue_url.replace("partitions=4", "partitions=1")
-    assert "partitions=1" in queue_url
-
-    def settings(name: str, client_id: str) -> Settings:
-        return Settings(
-            data_dir=tmp_path / "data",
-            database_url=backend.database_url,
-            queue_url=f"{queue_url}&client_id={client_id}",
-            allow_private_urls=True,
-            poll_interval=0.05,
-            # Renewed every 20 s: a move is seen when an image starts, not by renewal.
-            lease_seconds=60,
-            worker_concurrency=MOVE_CONCURRENCY,
-            task_max_images=MOVE_TASK_IMAGES,
-            user_agent=name,  # the image host tells the workers apart by it
-        )
-
-    tag = uuid.uuid4().hex[:8]
-    # A task lasts 5 s at the first worker; it joins 1.5 s in, and the move lands
-    # seconds before the task's last images start.
-    urls = [image_host.url(f"slow/700/cat.jpg?move={tag}-{i}") for i in range(45)]
-    csv_path = tmp_path / "in.csv"
-    csv_path.write_text(
-        "S. No.,Product Name,Input Image Urls\n"
-        + "".join(f"{i},P{i},{url}\n" for i, url in enumerate(urls, start=1))
-    )
-
-    def fetchers(index: int) -> set[str | None]:
-        return set(
-            image_host.user_agents[urlsplit(urls[index])._replace(scheme="", netloc="").geturl()]
-        )
-
-    def fetched_by(name: str) -> list[int]:
-        return [i for i in range(len(urls)) if name in fetchers(i)]
-
-    first = await Runtime.open(settings("worker-a", "z-first"), migrate=True)
-    newcomer: Runtime | None = None
-    try:
-        accepted = await stage_request(
-            first.db, csv_path, options=ProcessingOptions(), webhook_url=None, owner=None,
-            limits=CsvLimits(), task_max_images=MOVE_TASK_IMAGES,
-        )  # fmt: skip
-        first.start_worker(webhooks=False)
-
-        async def busy() -> bool:
-            return len(fetched_by("worker-a")) >= 4
-
-        await async_wait_until(busy, timeout=30, what="the first worker busy")
-        held = {i // MOVE_TASK_IMAGES for i in fetched_by("worker-a")}
-        newcomer = await Runtime.open(settings("worker-b", "a-newcomer"))
-        newcomer.start_worker(webhooks=False)
-        one, two = first.queue, newcomer.queue
-        assert isinstance(one, KafkaQueue) and isinstance(two, KafkaQueue)
-        await async_wait_until(lambda: _shared(one, two), timeout=30, what="partitions shared")
-        topic = KafkaConfig.from_url(queue_url).topic
-        assert {p.topic for p in two.assigned_partitions} == {topic}, "the newcomer has it"
-        row = await async_wait_until(
-            lambda: _finished(first.db, accepted.request_id), timeout=90, what="the request"
-        )
-        assert row.completed == len(urls)
-        both = [i for i in range(len(urls)) if {"worker-a", "worker-b"} <= fetchers(i)]
-        moved = {i // MOVE_TASK_IMAGES for i in fetched_by("worker-b")} & {
-            i // MOVE_TASK_IMAGES for i in fetched_by("worker-a")
-        }
-        assert moved, f"no task moved mid-way (the first held {held})"
-        assert len(both) <= MOVE_CONCURRENCY, f"fetched by both workers: images {both}"
-
-        # The finalize task is acked just after it closed the request.
-        async def settled() -> dict[int, tuple[str, int]] | None:
-            tasks = await tasks_of(first.db, accepted.request_id)
-            return tasks if all(state == "done" for state, _ in tasks.values()) else None
-
-        tasks = await async_wait_until(settled, timeout=30, what="every task done")
-        assert set(tasks.values()) == {("done", 1)}, tasks
-    finally:
-        if newcomer is not None:
-            await newcomer.close()
-        await first.close()
-
-
-async def _shared(one: KafkaQueue, two: KafkaQueue) -> bool:
-    mine, theirs = one.assigned_partitions, two.assigned_partitions
-    return bool(mine and theirs) and not mine & theirs
-
-
-async def _finished(db: Database, request_id: str) -> Any:
-    row = await work.load_request(db, request_id)
-    return row if row is not None and row.finished_at is not None else None
 
 
 def _partition(message: TaskMessage) -> object:

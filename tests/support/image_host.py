@@ -27,7 +27,7 @@ import struct
 import sys
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -53,8 +53,6 @@ class ImageHost:
         # The Host header of every request, and the server name of every TLS handshake.
         self.host_headers: list[str | None] = []
         self.server_names: list[str | None] = []
-        # The User-Agent of every request, by path with query: who fetched what.
-        self.user_agents: dict[str, list[str | None]] = defaultdict(list)
         self._flaky_seen: set[str] = set()
         self.gate = threading.Event()
         self.gate.set()
@@ -104,7 +102,6 @@ class ImageHost:
                 self.hits[handler.path] += 1
             self.cookies.append(handler.headers.get("Cookie"))
             self.host_headers.append(handler.headers.get("Host"))
-            self.user_agents[handler.path].append(handler.headers.get("User-Agent"))
         segments = parts.path.strip("/").split("/")
         if segments[0] == "gate":
             self.gate.wait(timeout=120)

@@ -39,12 +39,6 @@ class Queue(Protocol):
         """Extend the lease; False when it was lost (the task went to someone else)."""
         ...
 
-    async def moved(self, message: TaskMessage) -> bool:
-        """Whether the task went to another worker while this one held it (a Kafka
-        rebalance gave its partition to another member). Its holder then starts none of
-        its images, lets those in flight finish and be recorded, and releases it."""
-        ...
-
     async def ack(self, message: TaskMessage) -> None:
         """The task is done; it is never delivered again."""
         ...

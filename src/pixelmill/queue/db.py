@@ -110,10 +110,6 @@ class DbQueue:
     async def renew(self, message: TaskMessage) -> bool:
         return await self.leases.renew(message.task_id)
 
-    async def moved(self, message: TaskMessage) -> bool:
-        # A lease here is only lost by running out: renew says so.
-        return False
-
     async def ack(self, message: TaskMessage) -> None:
         await self.leases.settle(message.task_id, "done", only_if_mine=True)
 

@@ -30,7 +30,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import json
 import logging
@@ -175,9 +174,6 @@ class KafkaQueue:
         self._generations: dict[TopicPartition, int] = {}
         # The deliveries handed out and not yet settled, by record.
         self._handed_out: dict[tuple[TopicPartition, int], _Receipt] = {}
-        # Clear from a revocation until the assignment that follows it.
-        self._assignment_settled = asyncio.Event()
-        self._rebalance_patience = lease_seconds / 3
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._pump: asyncio.Task[None] | None = None
@@ -442,28 +438,6 @@ class KafkaQueue:
             and receipt.partition in self.assigned_partitions
         )
 
-    async def moved(self, message: TaskMessage) -> bool:
-        if not self._taken_over(message):
-            return False
-        if self._superseded(message):
-            return True
-        if not self._assignment_settled.is_set():
-            # Every rebalance revokes all partitions before it assigns any, and this
-            # one may come back. Wait for the assignment, but not for ever: a member
-            # cut off from the group gets none.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._rebalance_patience):
-                    await self._assignment_settled.wait()
-        return self._taken_over(message)
-
-    def _superseded(self, message: TaskMessage) -> bool:
-        """A later delivery of ours, from the same record, replaced this one."""
-        receipt = message.receipt
-        if not isinstance(receipt, _Receipt):
-            return False
-        current = self._handed_out.get(receipt.record)
-        return current is not None and current is not receipt
-
     async def ack(self, message: TaskMessage) -> None:
         # Another member may hold (or have finished) a delivery of it, if its partition
         # moved: the task still counts one delivery for its success.
@@ -562,13 +536,8 @@ class KafkaQueue:
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Commit what is done on the partitions we lose, then forget them."""
-        self._assignment_settled.clear()
         await self._commit(revoked)
         self._forget(revoked)
-
-    def on_assigned(self) -> None:
-        """The rebalance is over: every delivery knows whether its partition is ours."""
-        self._assignment_settled.set()
 
     def _forget(self, partitions: set[TopicPartition]) -> None:
         """Drop what we hold of these partitions: offsets, and tasks not handed out yet.
@@ -612,4 +581,3 @@ class _Rebalance(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("kafka partitions assigned: %s", sorted(p.partition for p in assigned))
-        self.queue.on_assigned()
