@@ -328,9 +328,9 @@ async def _with_database(action: Callable[[Database], Awaitable[T]]) -> T:
 def _database_failed(what: str, url: str, exc: Exception) -> NoReturn:
     """Say in one line which database failed a command and why (the driver's own
     words), exit 1."""
-    from pixelmill.startup import failure
+    from pixelmill.startup import database_failure
 
-    _fail_in_one_line(failure(what, "database", url, "PIXELMILL_DATABASE_URL", exc))
+    _fail_in_one_line(database_failure(what, url, exc))
 
 
 def _fail_in_one_line(message: str) -> NoReturn:

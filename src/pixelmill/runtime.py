@@ -14,7 +14,7 @@ from pixelmill.db.engine import Database
 from pixelmill.imaging import open_imaging
 from pixelmill.imaging.base import Imaging
 from pixelmill.queue import Queue, open_queue
-from pixelmill.startup import StartupError, failure
+from pixelmill.startup import StartupError, database_failure, failure
 from pixelmill.storage import Storage, open_storage
 from pixelmill.supervisor import WorkerProcesses
 from pixelmill.webhooks.dispatcher import WebhookDispatcher
@@ -62,7 +62,8 @@ class Runtime:
             try:
                 await upgrade_async(settings.database_url)
             except Exception as exc:
-                raise _database_failed("cannot migrate", settings, exc) from exc
+                message = database_failure("cannot migrate", settings.database_url, exc)
+                raise StartupError(message) from exc
         db = Database(
             settings.database_url,
             pool_size=settings.database_pool_size,
@@ -165,9 +166,3 @@ class Runtime:
             await self.imaging.close()
         await self.queue.close()
         await self.db.close()
-
-
-def _database_failed(what: str, settings: Settings, exc: Exception) -> StartupError:
-    return StartupError(
-        failure(what, "database", settings.database_url, "PIXELMILL_DATABASE_URL", exc)
-    )

@@ -29,7 +29,9 @@ def reason(exc: BaseException) -> str:
     cause = getattr(exc, "orig", None) or exc
     text = str(cause).splitlines()[0] if str(cause) else ""
     name = type(cause).__name__
-    return text if text.startswith(name) or not text else f"{name}: {text}"
+    if not text:  # e.g. a bare TimeoutError: its name is all there is
+        return name
+    return text if text.startswith(name) else f"{name}: {text}"
 
 
 def failure(what: str, part: str, url: str, setting: str, exc: BaseException) -> str:
@@ -39,3 +41,8 @@ def failure(what: str, part: str, url: str, setting: str, exc: BaseException) ->
     if password:  # drivers may quote the address they were given whole
         why = why.replace(password, "***")
     return f"{what} the {part} {without_password(url)} ({setting}): {why}"
+
+
+def database_failure(what: str, url: str, exc: BaseException) -> str:
+    """:func:`failure` of the database that ``PIXELMILL_DATABASE_URL`` names."""
+    return failure(what, "database", url, "PIXELMILL_DATABASE_URL", exc)
