@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,11 @@ def test_process_one_shot_writes_csv_and_images(tmp_path: Path, image_host: Imag
         env={"PIXELMILL_ALLOW_PRIVATE_URLS": "true"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    # Why an image failed, by error code, with a message that names its URL.
+    assert (
+        f"1 http_error, e.g. the source answered HTTP 404 for {image_host.url('status/404')}"
+        in (result.stderr)
+    )
     rows = list(csv.reader((out / "output.csv").open()))
     assert rows[0][-1] == "Output Image Urls" and len(rows) == 3
     first, failed = rows[1][3].split(", ")
@@ -60,7 +66,10 @@ def test_process_refuses_loopback_sources_by_default(tmp_path: Path, image_host:
     source.write_text(f"S. No.,Product Name,Input Image Urls\n1,A,{url}\n")
     result = pixelmill("process", str(source), "-o", str(tmp_path / "out"))
     assert result.returncode == 1
-    assert "failed" in result.stderr
+    assert "failed: 0 completed, 1 failed" in result.stderr
+    assert f"1 forbidden_address, e.g. 127.0.0.1 is a loopback address; refused: {url}" in (
+        result.stderr
+    )
     assert image_host.hits["/img/cat.jpg?refused=1"] == 0, "nothing was fetched"
 
 
@@ -215,19 +224,46 @@ def _processes_naming(text: str) -> list[int]:
     return found
 
 
-def test_sigterm_stops_process_and_leaves_nothing_behind(
-    tmp_path: Path, image_host: ImageHost
+def _kill(run: subprocess.Popen[str]) -> None:
+    run.send_signal(signal.SIGTERM)  # the command alone: its helpers hear of it from it
+
+
+def _ctrl_c(run: subprocess.Popen[str]) -> None:
+    os.killpg(run.pid, signal.SIGINT)  # as at a terminal: the whole process group at once
+
+
+@pytest.mark.parametrize(
+    ("stop", "products", "code", "said"),
+    [
+        (_kill, 40, 143, "stopped by SIGTERM"),
+        (_ctrl_c, 40, 130, "stopped by Ctrl-C"),
+        # One task: the helper never had work and still waits at its gate.
+        (_ctrl_c, 1, 130, "stopped by Ctrl-C"),
+    ],
+    ids=["sigterm", "ctrl-c", "ctrl-c-helper-at-its-gate"],
+)
+def test_a_stopped_process_says_so_and_leaves_nothing_behind(
+    tmp_path: Path,
+    image_host: ImageHost,
+    stop: Callable[[subprocess.Popen[str]], None],
+    products: int,
+    code: int,
+    said: str,
 ) -> None:
-    """As Ctrl-C does: the helpers stop and the throw-away database goes (exit 143)."""
+    """The helpers stop (none is restarted) and the throw-away database goes."""
     source = tmp_path / "held.csv"
-    rows = [f"{i},P{i},{image_host.url(f'gate/img/cat.jpg?sigterm={i}')}" for i in range(1, 41)]
+    rows = [
+        f"{i},P{i},{image_host.url(f'gate/img/cat.jpg?stop={i}')}" for i in range(1, products + 1)
+    ]
     source.write_text("S. No.,Product Name,Input Image Urls\n" + "\n".join(rows) + "\n")
     temporary = tmp_path / "tmp"
     temporary.mkdir()
     env = {
         **os.environ,
         "PIXELMILL_ALLOW_PRIVATE_URLS": "true",
-        "PIXELMILL_SHUTDOWN_GRACE_SECONDS": "1",
+        # Long enough for the parent to see a helper leave while its own worker stops.
+        "PIXELMILL_SHUTDOWN_GRACE_SECONDS": "3",
+        "PIXELMILL_DATA_DIR": str(tmp_path / "data"),
         "TMPDIR": str(temporary),
     }
     before = image_host.hits["/gate/img/cat.jpg"]
@@ -247,15 +283,17 @@ def test_sigterm_stops_process_and_leaves_nothing_behind(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # a process group of its own, as at a terminal
         )
         wait_until(lambda: image_host.hits["/gate/img/cat.jpg"] > before, what="a fetch in flight")
-        run.send_signal(signal.SIGTERM)
+        stop(run)
         _, stderr = run.communicate(timeout=60)
     finally:
         image_host.gate.set()
 
-    assert run.returncode == 143, stderr
-    assert "SIGTERM" in stderr
+    assert run.returncode == code, stderr
+    assert said in stderr
+    assert "restarting" not in stderr, "a helper asked to stop is not replaced"
     assert list(temporary.iterdir()) == [], "the throw-away database is removed"
     assert _processes_naming(str(source)) == [], "no helper outlives the run"
 
@@ -362,3 +400,17 @@ def test_a_process_whose_database_or_broker_is_away_says_so_in_one_line(
     assert "cannot start the queue kafka://127.0.0.1:9 (PIXELMILL_QUEUE_URL)" in broker.stderr
     for result in (database, broker):
         assert "Traceback" not in result.stderr and "Connection" in result.stderr
+
+
+@pytest.mark.parametrize("option", ["--max-width", "--max-height"])
+def test_process_refuses_a_size_the_api_refuses(tmp_path: Path, option: str) -> None:
+    """The same bounds as an upload's options (1 to 20,000 pixels), before any work."""
+    source = tmp_path / "in.csv"
+    source.write_text("S. No.,Product Name,Input Image Urls\n1,A,https://img.example.com/a.jpg\n")
+
+    out = str(tmp_path / "out")
+    result = pixelmill("process", str(source), "-o", out, option, "20001", env={"COLUMNS": "200"})
+
+    assert result.returncode == 2
+    assert option in result.stderr and "less than or equal to 20000" in result.stderr
+    assert not (tmp_path / "out").exists()

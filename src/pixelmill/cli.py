@@ -17,6 +17,7 @@ from rich.console import Console
 
 from pixelmill import allocator, collector
 from pixelmill.config import Settings
+from pixelmill.domain import MAX_OUTPUT_SIDE
 
 if TYPE_CHECKING:
     from pixelmill.db.engine import Database
@@ -204,8 +205,8 @@ def process(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="The input CSV.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Folder for output.csv and images/.")],
     quality: Annotated[int, typer.Option(min=1, max=100)] = 50,
-    max_width: Annotated[int | None, typer.Option(min=1)] = None,
-    max_height: Annotated[int | None, typer.Option(min=1)] = None,
+    max_width: Annotated[int | None, typer.Option(min=1, max=MAX_OUTPUT_SIDE)] = None,
+    max_height: Annotated[int | None, typer.Option(min=1, max=MAX_OUTPUT_SIDE)] = None,
     image_format: Annotated[
         FormatChoice, typer.Option("--format", help="Output format.")
     ] = FormatChoice.KEEP,

@@ -84,6 +84,10 @@ _TRANSIENT = frozenset(
 OutputFormat = Literal["keep", "jpeg", "webp", "png", "avif"]
 
 
+# The largest ``max_width`` or ``max_height`` a request may ask for.
+MAX_OUTPUT_SIDE = 20_000
+
+
 @dataclass(frozen=True)
 class ProcessingOptions:
     """How the images of one request are transformed."""

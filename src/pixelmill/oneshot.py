@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from pixelmill.config import Settings
 from pixelmill.csvio import CsvLimits, CsvRejected
@@ -26,6 +27,7 @@ from pixelmill.domain import ProcessingOptions
 from pixelmill.supervisor import WorkerProcesses
 
 if TYPE_CHECKING:
+    from pixelmill.db import queries
     from pixelmill.runtime import Runtime
 
 
@@ -62,8 +64,15 @@ def process_file(
         except asyncio.CancelledError:
             if not terminated:
                 raise
-            console.print("[yellow]stopped by SIGTERM; OUT holds what was done[/yellow]")
-            return 128 + signal.SIGTERM
+            return _stopped(console, "SIGTERM", signal.SIGTERM)
+        except KeyboardInterrupt:
+            return _stopped(console, "Ctrl-C", signal.SIGINT)
+
+
+def _stopped(console: Console, how: str, number: int) -> int:
+    """Say that the run was stopped; the exit code of a process ended by that signal."""
+    console.print(f"[yellow]stopped by {how}; OUT holds what was done[/yellow]")
+    return 128 + number
 
 
 def _acceptable(settings: Settings, file: Path, console: Console) -> bool:
@@ -122,6 +131,7 @@ async def _process(
     options: ProcessingOptions,
     terminated: list[int],
 ) -> int:
+    from pixelmill.db import queries
     from pixelmill.db.ingest import stage_request
     from pixelmill.runtime import Runtime
 
@@ -165,6 +175,7 @@ async def _process(
                 helpers.open_gate()
             runtime.start_worker(webhooks=False)  # a one-shot request has no webhook
             row = await _follow(runtime, accepted.request_id, accepted.images, console)
+            failures = await queries.failure_counts(runtime.db, accepted.request_id)
         finally:
             await runtime.close()
     output_csv = runtime.storage.local_path(row.output_key)
@@ -173,7 +184,19 @@ async def _process(
     console.print(
         f"{row.status}: {row.completed} completed, {row.failed} failed -> {out / 'output.csv'}"
     )
+    _print_failures(failures, console)
     return 0 if row.status == "completed" else 1
+
+
+def _print_failures(failures: list[queries.FailureCount], console: Console, most: int = 5) -> None:
+    """Why images failed: a line per error code (the most frequent first), with one of
+    its messages, which names the image's URL."""
+    for failure in failures[:most]:
+        line = Text(f"  {failure.images} {failure.code}", style="red")
+        line.append(f", e.g. {failure.example}", style="default")
+        console.print(line, soft_wrap=True)
+    if len(failures) > most:
+        console.print(f"  and {len(failures) - most} other error codes (docs/errors.md)")
 
 
 async def _follow(runtime: Runtime, request_id: str, total: int, console: Console) -> Any:

@@ -153,6 +153,13 @@ class ForkedChild:
         return self.returncode
 
 
+# How a child that was asked to stop exits: done, killed by SIGTERM or SIGINT, or
+# reporting one of them as 128 + its number (a fork stopped by Ctrl-C at its gate).
+_STOPPED = frozenset(
+    {0, -signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGINT}
+)
+
+
 def can_fork() -> bool:
     """Whether children may be forked here: Linux (pidfds; fork is the norm there) and
     no thread but this one, so that no lock can be held by a thread the child lacks."""
@@ -260,7 +267,7 @@ class WorkerProcesses:
             code = await self._children[slot].wait()
             if self._stopping:
                 return
-            if code in (0, -signal.SIGTERM, -signal.SIGINT):
+            if code in _STOPPED:
                 # It was asked to stop (a Ctrl-C or a kill reaches the whole process
                 # group before this parent stops): not a failure to make good. A crash,
                 # or SIGKILL from the kernel's OOM killer, is.
@@ -314,7 +321,7 @@ def _run_forked_child(
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports it
-        code = 130
+        code = 128 + signal.SIGINT
     except BaseException:
         log.exception("the forked worker process failed")
     finally:

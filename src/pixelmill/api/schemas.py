@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from pixelmill.db.clock import as_utc
 from pixelmill.db.queries import product_status
-from pixelmill.domain import OutputFormat, ProcessingOptions
+from pixelmill.domain import MAX_OUTPUT_SIDE, OutputFormat, ProcessingOptions
 
 
 class UploadOptions(BaseModel):
@@ -17,8 +17,8 @@ class UploadOptions(BaseModel):
 
     webhook_url: str | None = Field(default=None, max_length=2048)
     quality: int = Field(default=50, ge=1, le=100, description="percent of the source quality")
-    max_width: int | None = Field(default=None, ge=1, le=20000)
-    max_height: int | None = Field(default=None, ge=1, le=20000)
+    max_width: int | None = Field(default=None, ge=1, le=MAX_OUTPUT_SIDE)
+    max_height: int | None = Field(default=None, ge=1, le=MAX_OUTPUT_SIDE)
     format: OutputFormat = "keep"
 
     def processing(self) -> ProcessingOptions:

@@ -1,7 +1,8 @@
-"""Read-side queries for the API: requests, their products and images."""
+"""Read-side queries for the API and the command line: requests, their products and images."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Row, func, select, true
@@ -58,6 +59,34 @@ async def list_requests(
             )
         ).all()
     return list(rows), total
+
+
+@dataclass(frozen=True)
+class FailureCount:
+    """How many images of a request failed with one error code, and one of their messages."""
+
+    code: str
+    images: int
+    example: str
+
+
+@retry_transient
+async def failure_counts(db: Database, request_id: str) -> list[FailureCount]:
+    """The error codes of a request's failed images, the most frequent first."""
+    images = t.images.c
+    count = func.count()
+    async with db.read() as conn:
+        rows = (
+            await conn.execute(
+                select(images.error_code, count, func.min(images.error_message))
+                .where(
+                    (images.request_id == request_id) & (images.status == ImageStatus.FAILED.value)
+                )
+                .group_by(images.error_code)
+                .order_by(count.desc(), images.error_code)
+            )
+        ).all()
+    return [FailureCount(code or "", n, example or "") for code, n, example in rows]
 
 
 def product_status(statuses: list[str]) -> str:
