@@ -23,6 +23,10 @@ from pixelmill.config import Settings
         ("imaging_url", "http://img-1:8001, gopher://img-2", "not an http(s) URL"),
         ("trusted_source_prefixes", "http://images.internal:99999/", "not a valid URL"),
         ("queue_url", "amqp://broker", "unsupported scheme 'amqp'"),
+        ("queue_url", "kafka://k:9092?partition=3", "unknown parameter(s) ['partition']"),
+        ("queue_url", "kafka://k:9092?session_timeout_ms=abc", "'abc' is not a whole number"),
+        ("queue_url", "kafka://k:9092?partitions=0", "partitions=0 must be at least 1"),
+        ("queue_url", "kafka://", "names no broker"),
         ("storage_url", "ftp://files/", "unsupported scheme 'ftp'"),
         ("storage_url", "/srv/pixelmill/files", "unsupported scheme ''"),
         ("database_url", "mysql://db/pixelmill", "unsupported database"),
@@ -86,3 +90,20 @@ def test_a_port_out_of_range_is_refused() -> None:
 
     assert result.returncode == 2
     assert "--port" in result.stderr and "65535" in result.stderr
+
+
+def test_a_worker_with_a_misspelt_kafka_parameter_stops_with_one_line(tmp_path: Path) -> None:
+    """Before any broker is asked: exit 2, the variable and the bad parameter named."""
+    result = _pixelmill(
+        "worker",
+        PIXELMILL_QUEUE_URL="kafka://127.0.0.1:9?partition=3",
+        PIXELMILL_DATA_DIR=str(tmp_path),
+        COLUMNS="200",
+    )
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "invalid settings: PIXELMILL_QUEUE_URL: unknown parameter(s) ['partition']; known: "
+        "audit_interval_ms, client_id, group, partitions, session_timeout_ms, topic"
+    ]
+    assert not (tmp_path / "pixelmill.db").exists(), "refused before anything started"

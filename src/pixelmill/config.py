@@ -190,7 +190,15 @@ class Settings(BaseSettings):
     @field_validator("queue_url")
     @classmethod
     def _queue_scheme(cls, value: str) -> str:
-        return _scheme_in(value, ("db", "kafka"), "db:// or kafka://host:9092")
+        value = _scheme_in(value, ("db", "kafka"), "db:// or kafka://host:9092")
+        if value.startswith("kafka:"):
+            from pixelmill.queue.kafka_config import KafkaConfig  # no Kafka client loaded
+
+            try:
+                KafkaConfig.from_url(value)  # its parameters, checked at start
+            except ValueError as exc:  # said under the variable's name already
+                raise ValueError(str(exc).removeprefix("PIXELMILL_QUEUE_URL: ")) from None
+        return value
 
     @field_validator("storage_url")
     @classmethod

@@ -32,6 +32,10 @@ class TcpProxy:
     def stop(self) -> None:
         """Refuse new connections and reset every open one."""
         if self._listener is not None:
+            # Shut down first: a close alone leaves the thread in accept() listening,
+            # and the next client would still get through.
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
             self._listener = None
         with self._lock:

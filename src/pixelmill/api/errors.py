@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException
 
 from pixelmill.csvio import CsvRejected
+from pixelmill.db.engine import is_transient
+
+log = logging.getLogger(__name__)
+
+# Seconds a client is asked to wait before it tries again while the database is away.
+DATABASE_RETRY_AFTER = 5
 
 
 class ApiError(Exception):
@@ -71,3 +81,28 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
+
+    # What reaching the database raises once its own retries are spent: the driver's
+    # errors, a pool with no connection to give, or the network (asyncpg connects with
+    # plain sockets, whose errors come through unwrapped).
+    for away in (DBAPIError, PoolTimeoutError, ConnectionError, socket.gaierror, TimeoutError):
+        app.add_exception_handler(away, _database_away)
+
+    @app.exception_handler(Exception)
+    async def _internal(_request: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the traceback after this answer is sent.
+        return error_response(500, "internal_error", "an unexpected error; it was logged")
+
+
+async def _database_away(request: Request, exc: Exception) -> JSONResponse:
+    """``503 database_unavailable`` when the database cannot be reached; any other
+    database error is a bug, answered ``500 internal_error`` and logged."""
+    if isinstance(exc, DBAPIError) and not is_transient(exc):
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal_error", "an unexpected error; it was logged")
+    log.warning("%s %s: the database is unavailable: %r", request.method, request.url.path, exc)
+    response = error_response(
+        503, "database_unavailable", "the database is unavailable; try again shortly"
+    )
+    response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER)
+    return response

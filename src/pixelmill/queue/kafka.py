@@ -35,7 +35,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs, urlsplit
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import IllegalStateError, KafkaError
@@ -46,61 +45,12 @@ from pixelmill.db.engine import Database
 from pixelmill.domain import TaskKind
 from pixelmill.queue.audit import OutboxAudit
 from pixelmill.queue.base import TaskMessage
+from pixelmill.queue.kafka_config import KafkaConfig
 from pixelmill.queue.kafka_log import KafkaLog
 from pixelmill.queue.outbox import OutboxRelay, Placement, TaskRecord
 from pixelmill.queue.task_leases import TaskLeases
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class KafkaConfig:
-    """Where the tasks go, read from ``PIXELMILL_QUEUE_URL``."""
-
-    bootstrap: str
-    topic: str = "pixelmill.tasks"
-    partitions: int = 12
-    group: str = "pixelmill-workers"
-    # How fast the group notices a dead worker and gives its partitions to others.
-    session_timeout_ms: int = 10_000
-    # How often each process looks for published tasks that the brokers lost.
-    audit_interval_ms: int = 5_000
-    # The name the brokers know this process's clients by (their logs, quotas and
-    # metrics); a group member's id starts with it.
-    client_id: str = "pixelmill"
-
-    @classmethod
-    def from_url(cls, url: str) -> KafkaConfig:
-        parts = urlsplit(url)
-        if parts.scheme != "kafka" or not parts.netloc:
-            raise ValueError(
-                f"PIXELMILL_QUEUE_URL={url!r}: expected kafka://host:9092[,host2:9092]"
-                "?topic=...&partitions=..."
-            )
-        query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-        known = {
-            "topic", "partitions", "group", "session_timeout_ms", "audit_interval_ms", "client_id",
-        }  # fmt: skip
-        unknown = set(query) - known
-        if unknown:
-            raise ValueError(f"PIXELMILL_QUEUE_URL: unknown parameter(s) {sorted(unknown)}")
-        return cls(
-            bootstrap=parts.netloc,
-            topic=query.get("topic", cls.topic),
-            partitions=int(query.get("partitions", cls.partitions)),
-            group=query.get("group", cls.group),
-            session_timeout_ms=int(query.get("session_timeout_ms", cls.session_timeout_ms)),
-            audit_interval_ms=int(query.get("audit_interval_ms", cls.audit_interval_ms)),
-            client_id=query.get("client_id", cls.client_id),
-        )
-
-    @property
-    def retry_topic(self) -> str:
-        return f"{self.topic}.retry"
-
-    @property
-    def dead_topic(self) -> str:
-        return f"{self.topic}.dead"
 
 
 @dataclass

@@ -26,7 +26,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from pixelmill.queue.audit import LogSnapshot, PartitionLog, Place, Reading
 
 if TYPE_CHECKING:
-    from pixelmill.queue.kafka import KafkaConfig
+    from pixelmill.queue.kafka_config import KafkaConfig
 
 log = logging.getLogger(__name__)
 
