@@ -5,6 +5,7 @@
 #
 #   examples/cluster/run.sh            # start everything; Ctrl-C stops everything
 #   .venv/bin/pixelmill submit examples/products.csv --wait --server http://127.0.0.1:8000
+#                                      # (with API_PORT set: the command it prints)
 #   examples/cluster/run.sh --check    # start, process examples/products.csv, stop
 #
 # Works from a clean clone. Needs python3 (3.11+), make, and a PostgreSQL server that
@@ -102,14 +103,14 @@ wait_ok "$API/readyz" "$STATE/api.log"
 for url in "${imaging_urls[@]}"; do wait_ok "$url/healthz" "$STATE"; done
 
 echo "pixelmill cluster up: API $API, logs and files in $STATE"
+# The example's photos are on the API at port 8000; point them at this API instead.
+sed "s#http://127.0.0.1:8000/#$API/#g" examples/products.csv >"$STATE/products.csv"
 if [[ "${1:-}" == "--check" ]]; then
-  # The example's photos are on the API at port 8000; point them at this API instead.
-  sed "s#http://127.0.0.1:8000/#$API/#g" examples/products.csv >"$STATE/products.csv"
   $PIXELMILL submit "$STATE/products.csv" --server "$API" --wait >"$STATE/submit.out"
   request=$(head -n 1 "$STATE/submit.out")
   $PIXELMILL status "$request" --server "$API"
   $PIXELMILL result "$request" --server "$API"
   exit 0
 fi
-echo "try: $PIXELMILL submit examples/products.csv --wait --server $API"
+echo "try: $PIXELMILL submit $STATE/products.csv --wait --server $API"
 wait

@@ -11,7 +11,11 @@ once.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -158,3 +162,42 @@ def test_a_broker_restart_that_loses_its_log_loses_no_task(
         partitions_read_again=logs.count("before our position"),
         seconds_from_restart_to_finished=round(finished_after, 1),
     )
+
+
+def test_a_worker_stopped_while_the_broker_is_away_exits_cleanly(tmp_path: Path) -> None:
+    """SIGTERM during an outage is still a stop: exit 0, no traceback (a supervisor
+    restarting on failure must not restart it)."""
+    broker = TansuBroker(tmp_path / "broker.log").start()
+    log = tmp_path / "worker.log"
+    env = {
+        **os.environ,
+        "PIXELMILL_QUEUE_URL": broker.queue_url(f"away-{uuid.uuid4().hex[:8]}"),
+        "PIXELMILL_DATA_DIR": str(tmp_path / "data"),
+        "PIXELMILL_LOG_LEVEL": "INFO",
+    }
+    with log.open("w") as output:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "pixelmill", "worker"], env=env, stderr=output
+        )
+    try:
+        wait_until(
+            lambda: "kafka partitions assigned" in log.read_text(), timeout=60, what="joined"
+        )
+        broker.stop()
+        # Its clients have found the broker gone and wait to retry (a fetcher stopped
+        # then raised its own CancelledError out of aiokafka).
+        wait_until(
+            lambda: re.search("Failed fetch messages|Unable connect", log.read_text()),
+            timeout=30,
+            what="the clients retrying",
+        )
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(timeout=60)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        broker.stop()
+
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    assert "Traceback" not in text

@@ -34,6 +34,7 @@ import heapq
 import json
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
@@ -192,11 +193,11 @@ class KafkaQueue:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         if self._consumer is not None:
-            await self._commit()
-            await self._consumer.stop()
+            await _closing("commit the offsets", self._commit())
+            await _closing("stop the consumer", self._consumer.stop())
         if self._producer is not None:
-            await self._producer.stop()
-        await self.log.close()
+            await _closing("stop the producer", self._producer.stop())
+        await _closing("close the reader", self.log.close())
 
     # -- publishing -----------------------------------------------------------------
 
@@ -504,6 +505,25 @@ class KafkaQueue:
             if _receipt_partition(message) not in partitions
         ]
         heapq.heapify(self._delayed)
+
+
+# How long one step of closing may take when the brokers do not answer.
+_CLOSE_TIMEOUT = 10.0
+
+
+async def _closing(step: str, closing: Awaitable[None]) -> None:
+    """One step of closing the Kafka clients, which must not stop the others, nor the
+    process's clean exit, when the brokers are away: aiokafka's fetcher, closed while
+    it waits to retry, raises the CancelledError of its own task. Only a cancellation
+    of this task goes on."""
+    try:
+        async with asyncio.timeout(_CLOSE_TIMEOUT):
+            await closing
+    except (Exception, asyncio.CancelledError) as exc:
+        current = asyncio.current_task()
+        if isinstance(exc, asyncio.CancelledError) and current and current.cancelling():
+            raise
+        log.warning("could not %s cleanly (the brokers are away?): %r", step, exc)
 
 
 def _placement(sent: RecordMetadata) -> Placement:
