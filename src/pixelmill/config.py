@@ -194,10 +194,7 @@ class Settings(BaseSettings):
         if value.startswith("kafka:"):
             from pixelmill.queue.kafka_config import KafkaConfig  # no Kafka client loaded
 
-            try:
-                KafkaConfig.from_url(value)  # its parameters, checked at start
-            except ValueError as exc:  # said under the variable's name already
-                raise ValueError(str(exc).removeprefix("PIXELMILL_QUEUE_URL: ")) from None
+            KafkaConfig.from_url(value)  # its parameters, checked at start
         return value
 
     @field_validator("storage_url")

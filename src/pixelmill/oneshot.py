@@ -175,7 +175,9 @@ async def _process(
                 helpers.open_gate()
             runtime.start_worker(webhooks=False)  # a one-shot request has no webhook
             row = await _follow(runtime, accepted.request_id, accepted.images, console)
-            failures = await queries.failure_counts(runtime.db, accepted.request_id)
+            failures = (
+                await queries.failure_counts(runtime.db, accepted.request_id) if row.failed else []
+            )
         finally:
             await runtime.close()
     output_csv = runtime.storage.local_path(row.output_key)

@@ -90,8 +90,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(_request: Request, exc: Exception) -> JSONResponse:
-        # Starlette logs the traceback after this answer is sent.
-        return error_response(500, "internal_error", "an unexpected error; it was logged")
+        return _internal_error()  # Starlette logs the traceback after this answer is sent
+
+
+def _internal_error() -> JSONResponse:
+    return error_response(500, "internal_error", "an unexpected error; it was logged")
 
 
 async def _database_away(request: Request, exc: Exception) -> JSONResponse:
@@ -99,7 +102,7 @@ async def _database_away(request: Request, exc: Exception) -> JSONResponse:
     database error is a bug, answered ``500 internal_error`` and logged."""
     if isinstance(exc, DBAPIError) and not is_transient(exc):
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return error_response(500, "internal_error", "an unexpected error; it was logged")
+        return _internal_error()
     log.warning("%s %s: the database is unavailable: %r", request.method, request.url.path, exc)
     response = error_response(
         503, "database_unavailable", "the database is unavailable; try again shortly"

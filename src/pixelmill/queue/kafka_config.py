@@ -18,9 +18,9 @@ def _count(name: str, text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise ValueError(f"PIXELMILL_QUEUE_URL: {name}={text!r} is not a whole number") from None
+        raise ValueError(f"{name}={text!r} is not a whole number") from None
     if value < _COUNTS[name]:
-        raise ValueError(f"PIXELMILL_QUEUE_URL: {name}={value} must be at least {_COUNTS[name]}")
+        raise ValueError(f"{name}={value} must be at least {_COUNTS[name]}")
     return value
 
 
@@ -42,18 +42,19 @@ class KafkaConfig:
 
     @classmethod
     def from_url(cls, url: str) -> KafkaConfig:
-        """The settings in ``url``; a ValueError that says what is wrong with it."""
+        """The settings in ``url``; a ValueError that says what is wrong with it (the
+        settings check the URL with this at start, under the variable's name)."""
         parts = urlsplit(url)
         if parts.scheme != "kafka" or not parts.netloc:
             raise ValueError(
-                f"PIXELMILL_QUEUE_URL: {url!r} names no broker; "
+                f"{url!r} names no broker; "
                 "expected kafka://host:9092[,host2:9092]?topic=...&partitions=..."
             )
         query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
         unknown = set(query) - _TEXTS - set(_COUNTS)
         if unknown:
             raise ValueError(
-                f"PIXELMILL_QUEUE_URL: unknown parameter(s) {sorted(unknown)}; "
+                f"unknown parameter(s) {sorted(unknown)}; "
                 f"known: {', '.join(sorted(_TEXTS | set(_COUNTS)))}"
             )
         counts = {name: _count(name, query[name]) for name in _COUNTS if name in query}
