@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 import typer
 from rich.console import Console
 
-from pixelmill import allocator, collector
+from pixelmill import allocator, collector, logs
 from pixelmill.config import Settings
 from pixelmill.domain import MAX_OUTPUT_SIDE
 
@@ -62,11 +61,6 @@ ServerOption = Annotated[
 ApiKeyOption = Annotated[
     str | None, typer.Option("--api-key", envvar="PIXELMILL_API_KEY", help="API key to send.")
 ]
-
-
-def _logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pyvips").setLevel(logging.WARNING)
 
 
 def _exit_zero_on_sigterm() -> None:
@@ -124,7 +118,7 @@ def _public_url(host: str, port: int) -> str | None:
 def serve(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
     """All in one: API, worker and inline imaging on the embedded defaults."""
     settings = _settings(public_url=_public_url(host, port))
-    _logging(settings.log_level)
+    logs.configure(settings.log_level)
     # The shipped sample photos are the one private-address source allowed by default.
     settings.trusted_source_prefixes = [*settings.trusted_source_prefixes, settings.samples_prefix]
     _run_server(settings, host, port, run_worker=True, migrate=True, samples=True)
@@ -140,7 +134,7 @@ def api(
 ) -> None:
     """The HTTP API alone (workers run apart with ``pixelmill worker``)."""
     settings = _settings(public_url=_public_url(host, port))
-    _logging(settings.log_level)
+    logs.configure(settings.log_level)
     _run_server(settings, host, port, migrate=True, samples=samples)
 
 
@@ -161,7 +155,7 @@ def imaging(
     from pixelmill.imaging.service import KEEP_ALIVE_SECONDS, create_imaging_app
 
     settings = _settings()  # refused here, once, when invalid
-    _logging(settings.log_level)
+    logs.configure(settings.log_level)
     options: dict[str, Any] = {
         "host": host,
         "port": port,
@@ -195,7 +189,7 @@ def worker(
 
     handed_down = child_settings()
     settings = handed_down or _settings(worker_concurrency=concurrency)
-    _logging(settings.log_level)
+    logs.configure(settings.log_level)
     # A worker process of ``serve`` or ``process``: its parent has migrated already.
     run_worker_process(settings, migrate=handed_down is None)
 
@@ -217,7 +211,7 @@ def process(
 
     # Quiet unless asked: the progress bar is the output of a one-shot run.
     settings = _settings(log_level=os.environ.get("PIXELMILL_LOG_LEVEL") or "WARNING")
-    _logging(settings.log_level)
+    logs.configure(settings.log_level)
     options = ProcessingOptions(quality, max_width, max_height, image_format.value)
     code = process_file(settings, file, out, console, options)
     raise typer.Exit(code)
