@@ -6,7 +6,9 @@ import logging
 import subprocess
 import sys
 
-from pixelmill.logs import RepeatLimit
+import pytest
+
+from pixelmill.logs import FailureStreak, RepeatLimit, brief
 
 
 class Clock:
@@ -82,3 +84,66 @@ def run_logging(level: str) -> str:
 def test_the_commands_logging_limits_the_noisy_loggers_except_at_debug() -> None:
     assert run_logging("INFO").count("Unable connect") == 1
     assert run_logging("DEBUG").count("Unable connect") == 100
+
+
+def streak_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "loop"]
+
+
+def test_a_run_of_failures_is_told_once_in_full_then_every_interval_then_its_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    streak = FailureStreak(logging.getLogger("loop"), "receiving a task", interval=30, clock=clock)
+    caplog.set_level(logging.INFO, logger="loop")
+    refused = ConnectionRefusedError(111, "Connection refused")
+    for _ in range(10):  # ten failures within 9 s
+        streak.failed(refused)
+        clock.now += 1
+    clock.now += 21  # 31 s after the first
+    streak.failed(TimeoutError("timed out"))
+    streak.failed(refused)
+    clock.now += 5
+    streak.succeeded()
+    streak.succeeded()  # nothing more to say
+
+    refused_line = "ConnectionRefusedError: [Errno 111] Connection refused"
+    assert streak_lines(caplog) == [
+        f"receiving a task failed, will retry: {refused_line}",
+        "receiving a task still fails: 10 times in the last 31 s, lately TimeoutError: timed out",
+        "receiving a task works again after 12 failures in 36 s",
+    ]
+    first = caplog.records[0]
+    assert first.levelno == logging.ERROR and first.exc_info is not None
+
+
+def test_a_new_run_starts_in_full_and_a_known_cause_comes_without_its_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    streak = FailureStreak(logging.getLogger("loop"), "kafka poll", traceback=False, clock=clock)
+    caplog.set_level(logging.INFO, logger="loop")
+    streak.failed(OSError("down"))
+    streak.succeeded()
+    streak.failed(OSError("down again"))
+    assert streak_lines(caplog) == [
+        "kafka poll failed, will retry: OSError: down",
+        "kafka poll works again after 1 failures in 0 s",
+        "kafka poll failed, will retry: OSError: down again",
+    ]
+    assert all(record.exc_info is None for record in caplog.records)
+
+
+def test_brief_is_one_line_and_names_the_drivers_error() -> None:
+    from sqlalchemy.exc import OperationalError
+
+    wrapped = OperationalError("SELECT 1\nFROM tasks", {}, ConnectionResetError("reset by peer"))
+    assert brief(wrapped) == "ConnectionResetError: reset by peer"
+    assert brief(ValueError("first\nsecond")) == "ValueError: first"
+    assert brief(RuntimeError()) == "RuntimeError"
+
+    class NodeNotReadyError(Exception):  # aiokafka's errors start with their own name
+        def __str__(self) -> str:
+            return "NodeNotReadyError: node 1"
+
+    assert brief(NodeNotReadyError()) == "NodeNotReadyError: node 1"

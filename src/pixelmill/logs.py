@@ -1,11 +1,12 @@
-"""Logging for the commands: one line format, and no floods from client libraries.
+"""Logging for the commands: one line format, and no floods while a backend is away.
 
 While a Kafka broker is away, aiokafka logs every reconnection attempt of every client
 at ``ERROR``: about 70 lines a second from one worker, mostly the same four messages.
 :class:`RepeatLimit` lets the first line of each kind through and then one every
 ``interval`` seconds, saying how many like it were held back, so that an outage of an
 hour costs a few hundred lines instead of a quarter of a million. At ``DEBUG`` nothing
-is held back.
+is held back. :class:`FailureStreak` does the same for pixelmill's own loops that retry
+(receiving tasks, claiming webhook deliveries, relaying the outbox).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from collections.abc import Callable
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-# Loggers whose retry loops log once per attempt.
-NOISY_LOGGERS = ("aiokafka",)
+# Loggers whose retry loops log once per attempt: the Kafka client, and the retries of
+# pixelmill's units of work while the database is away.
+NOISY_LOGGERS = ("aiokafka", "pixelmill.db.engine")
 
 # How often a line of one kind from a noisy logger is let through.
 REPEAT_INTERVAL = 30.0
@@ -65,6 +67,73 @@ class RepeatLimit(logging.Filter):
 
     def _noisy(self, name: str) -> bool:
         return any(name == prefix or name.startswith(prefix + ".") for prefix in self.prefixes)
+
+
+class FailureStreak:
+    """What a loop that retries says about a run of failures: the first in full, then one
+    line every ``interval`` seconds with how many there were, and one when it works
+    again. ``doing`` names the loop's work ("receiving a task")."""
+
+    def __init__(
+        self,
+        log: logging.Logger,
+        doing: str,
+        *,
+        traceback: bool = True,
+        interval: float = REPEAT_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.log = log
+        self.doing = doing
+        self.traceback = traceback  # with the first failure; off where the cause is known
+        self.interval = interval
+        self.clock = clock
+        self.failures = 0
+        self._began = 0.0
+        self._said = 0.0  # when a line was last logged
+        self._unsaid = 0  # failures since
+
+    def failed(self, exc: BaseException) -> None:
+        """Count a failure; log it if it is the first of the run or ``interval`` has passed."""
+        now = self.clock()
+        self.failures += 1
+        if self.failures == 1:
+            self._began = self._said = now
+            self.log.error(
+                "%s failed, will retry: %s", self.doing, brief(exc),
+                exc_info=exc if self.traceback else None,
+            )  # fmt: skip
+            return
+        self._unsaid += 1
+        if now - self._said >= self.interval:
+            self.log.warning(
+                "%s still fails: %d times in the last %.0f s, lately %s",
+                self.doing, self._unsaid, now - self._said, brief(exc),
+            )  # fmt: skip
+            self._said, self._unsaid = now, 0
+
+    def succeeded(self) -> None:
+        """End the run of failures, if any, saying how long it lasted."""
+        if self.failures:
+            self.log.warning(
+                "%s works again after %d failures in %.0f s",
+                self.doing, self.failures, self.clock() - self._began,
+            )  # fmt: skip
+            self.failures = self._unsaid = 0
+
+
+def brief(exc: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message. For a
+    database error, the driver's own (SQLAlchemy keeps it in ``orig`` and appends the
+    statement to its message)."""
+    cause = getattr(exc, "orig", None)
+    if isinstance(cause, BaseException):
+        exc = cause
+    name = type(exc).__name__
+    lines = str(exc).splitlines()
+    if not lines:
+        return name
+    return lines[0] if lines[0].startswith(name) else f"{name}: {lines[0]}"
 
 
 def configure(level: str = "INFO") -> None:

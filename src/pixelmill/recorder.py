@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from pixelmill.db import work
 from pixelmill.db.engine import Database
+from pixelmill.logs import brief
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class ResultRecorder:
                 self.db, [(request_id, result) for request_id, result, _ in batch]
             )
         except Exception as exc:
-            log.warning("recording %d image results failed: %s", len(batch), exc)
+            log.warning("recording %d image results failed: %s", len(batch), brief(exc))
             for _, _, done in batch:
                 if not done.done():
                     done.set_exception(exc)

@@ -68,6 +68,7 @@ class Runtime:
             settings.database_url,
             pool_size=settings.database_pool_size,
             sqlite_synchronous=settings.sqlite_synchronous,
+            command_timeout=settings.database_command_timeout_seconds,
         )
         storage = storage or open_storage(settings.storage_url, settings.storage_base_url)
         queue = open_queue(settings, db, owner=worker_name())

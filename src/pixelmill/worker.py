@@ -24,7 +24,7 @@ from pixelmill.backoff import jittered_backoff
 from pixelmill.config import Settings
 from pixelmill.csvio import OutputCsvWriter
 from pixelmill.db import work
-from pixelmill.db.engine import Database
+from pixelmill.db.engine import Database, is_transient
 from pixelmill.domain import (
     ErrorCode,
     ImageFailure,
@@ -34,6 +34,7 @@ from pixelmill.domain import (
     TaskKind,
 )
 from pixelmill.imaging.base import Imaging, ImagingUnavailableError
+from pixelmill.logs import FailureStreak, brief
 from pixelmill.queue.base import Queue, TaskMessage
 from pixelmill.recorder import ResultRecorder
 from pixelmill.storage import Storage
@@ -97,6 +98,7 @@ class Worker:
         # free: images taken but queued here would sit idle while another worker has
         # nothing left to do (the end of every request).
         self._taking = asyncio.Lock()
+        self._receiving = FailureStreak(log, "receiving a task")
         self._capacity_changed = asyncio.Event()
         self._task_started = asyncio.Event()
         self._tasks_in_hand: set[_Unstarted] = set()
@@ -150,10 +152,11 @@ class Worker:
             return None
         try:
             message = await self.queue.receive(timeout=1.0)
-        except Exception:
-            log.exception("receiving a task failed; retrying")
+        except Exception as exc:
+            self._receiving.failed(exc)
             await asyncio.sleep(1.0)
             return None
+        self._receiving.succeeded()
         if message is None:
             return None
         self._task_started.clear()
@@ -178,10 +181,14 @@ class Worker:
             message, handling = taken
             try:
                 await handling
-            except Exception:
+            except Exception as exc:
                 # Even the retry or ack failed (the database is away): keep the slot
-                # alive; the task's lease runs out and it is delivered again.
-                log.exception("task %s could not be settled; it will come back", message.task_id)
+                # alive; the task is delivered again once its lease would have run out.
+                log.error(
+                    "task %s could not be settled (%s); it will come back",
+                    message.task_id, brief(exc),
+                )  # fmt: skip
+                self.queue.redeliver_later(message)
                 await asyncio.sleep(1.0)
 
     async def _handle_with_grace(self, message: TaskMessage) -> None:
@@ -192,11 +199,13 @@ class Worker:
             if not handler.done():
                 # Shutting down: give the task the grace period, then hand it back.
                 await asyncio.wait({handler}, timeout=self.settings.shutdown_grace_seconds)
-            if not handler.done():
-                handler.cancel()
-                await asyncio.gather(handler, return_exceptions=True)
-                await self.queue.release(message)
-                log.info("released task %s at shutdown", message.task_id)
+            if handler.done():
+                handler.result()  # raises what settling the task raised, for the slot
+                return
+            handler.cancel()
+            await asyncio.gather(handler, return_exceptions=True)
+            await self.queue.release(message)
+            log.info("released task %s at shutdown", message.task_id)
         finally:
             stopping.cancel()
             if not handler.done():
@@ -227,7 +236,11 @@ class Worker:
             await self.queue.release(message)
             return
         except Exception as exc:
-            log.exception("task %s failed (attempt %d)", message.task_id, message.attempt)
+            log.error(
+                "task %s failed (attempt %d): %s", message.task_id, message.attempt, brief(exc),
+                # A backend away is said in one line; anything else needs its traceback.
+                exc_info=None if is_transient(exc) else exc,
+            )  # fmt: skip
             await self.queue.retry(message, self.retry.delay(message.attempt), repr(exc))
             return
         await self.queue.ack(message)
@@ -244,8 +257,10 @@ class Worker:
                 await asyncio.sleep(interval)
                 try:
                     renewed = await self.queue.renew(message)
-                except Exception:
-                    log.warning("renewing the lease of task %s failed", message.task_id)
+                except Exception as exc:
+                    log.warning(
+                        "renewing the lease of task %s failed: %s", message.task_id, brief(exc)
+                    )
                     continue
                 if not renewed:
                     log.warning("lost the lease of task %s; abandoning it", message.task_id)

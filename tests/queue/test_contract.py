@@ -2,7 +2,8 @@
 
 A worker only sees the :class:`~pixelmill.queue.base.Queue` protocol: every task is
 delivered, an acknowledged task never comes back, an unacknowledged one comes back with
-its delivery counted, a retry waits for its delay and ends dead-lettered, and members
+its delivery counted (also to the same member, when settling it failed), a retry waits
+for its delay and ends dead-lettered, and members
 that live side by side never get the same task. Each test runs over the backend matrix
 (the queue table on SQLite and on PostgreSQL, Kafka on PostgreSQL); what only one
 backend does (leases, offsets) is tested beside it, in tests/db/test_queue_db.py and
@@ -112,6 +113,30 @@ async def test_a_released_task_comes_back_to_its_member_without_a_delivery_count
         assert again.attempt == 1, "a release is not a failed delivery"
         await queue.ack(again)
     assert await tasks_of(db, request_id) == {message.task_id: ("done", 1)}
+
+
+async def test_a_task_left_unsettled_comes_back_to_its_member_after_its_lease(
+    queue_settings: Settings, db: Database, tmp_path: Path
+) -> None:
+    """Settling a task failed part-way (its ack or retry raised: the database away) and
+    the worker stays: the task comes back to it once its lease would have run out, with
+    the delivery counted, and not before. Nothing else would bring it back here: on
+    Kafka its offset stays uncommitted and the consumer has read past it."""
+    request_id = await stage(db, tmp_path, rows=2)  # one task
+    loop = asyncio.get_running_loop()
+    async with member(queue_settings, db, "worker-a") as queue:
+        queue.wake()
+        (message,) = await receive(queue, 1)
+        left_at = loop.time()
+        queue.redeliver_later(message)
+        assert await queue.receive(timeout=2) is None, "not while the lease may be held"
+
+        (again,) = await receive(queue, 1, timeout=20)
+        assert loop.time() - left_at >= queue_settings.lease_seconds - 0.5
+        assert again.task_id == message.task_id
+        assert again.attempt == 2, "the delivery that was not settled counts"
+        await queue.ack(again)
+    assert await tasks_of(db, request_id) == {message.task_id: ("done", 2)}
 
 
 async def test_a_retry_waits_for_its_delay_and_is_dead_after_the_last_delivery(

@@ -25,6 +25,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from pixelmill.logs import brief
+
 if TYPE_CHECKING:
     from pixelmill.config import SqliteSynchronous
 
@@ -45,6 +47,11 @@ RETRY_MAX_DELAY = 2.0
 # SQLSTATEs that say nothing about the work itself: serialization failure, deadlock,
 # the connection exception class (08...), and the server shutting down or starting up.
 _TRANSIENT_SQLSTATES = ("40001", "40P01", "08", "57P01", "57P02", "57P03")
+# PostgreSQL: how long one statement, or a new connection, may take. Without a limit a
+# server that goes silent (a network partition, a frozen VM) holds a statement for
+# as long as TCP takes to notice, two hours by default; past it the statement fails
+# with TimeoutError, which counts as transient.
+COMMAND_TIMEOUT_SECONDS = 60.0
 
 _ASYNC_DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
@@ -122,7 +129,7 @@ def retry_transient(
                 delay *= random.uniform(0.75, 1.25)
                 log.warning(
                     "%s: transient database failure (%s); try %d of %d in %.2fs",
-                    unit.__qualname__, _brief(exc), attempt + 1, RETRY_ATTEMPTS, delay,
+                    unit.__qualname__, brief(exc), attempt + 1, RETRY_ATTEMPTS, delay,
                 )  # fmt: skip
                 await asyncio.sleep(delay)
                 attempt += 1
@@ -130,21 +137,21 @@ def retry_transient(
     return run
 
 
-def _brief(exc: BaseException) -> str:
-    """The driver's message, without the SQL statement SQLAlchemy appends."""
-    cause = exc.orig if isinstance(exc, DBAPIError) else exc
-    return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
-
-
 class Database:
     """The engines of one database, with ``read()`` and ``write()`` units of work.
 
     ``sqlite_synchronous`` is SQLite's ``PRAGMA synchronous`` (``off``, ``normal``,
-    ``full``); other databases ignore it.
+    ``full``); other databases ignore it. ``command_timeout`` bounds each statement and
+    each new connection on PostgreSQL (None: no bound); SQLite has no network to lose.
     """
 
     def __init__(
-        self, url: str, *, pool_size: int = 10, sqlite_synchronous: SqliteSynchronous = "normal"
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        sqlite_synchronous: SqliteSynchronous = "normal",
+        command_timeout: float | None = COMMAND_TIMEOUT_SECONDS,
     ) -> None:
         self.url = url
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
@@ -160,7 +167,11 @@ class Database:
             )
         else:
             self.writer = create_async_engine(
-                driver_url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+                driver_url,
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                pool_pre_ping=True,
+                connect_args={"command_timeout": command_timeout, "timeout": command_timeout},
             )
             # The same pool; its transactions see one snapshot and cannot write.
             self.reader = self.writer.execution_options(

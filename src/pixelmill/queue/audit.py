@@ -40,6 +40,7 @@ from sqlalchemy import ColumnElement, Row, and_, false, or_, select, update
 
 from pixelmill.db import tables as t
 from pixelmill.db.engine import Database
+from pixelmill.logs import FailureStreak
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +180,16 @@ class OutboxAudit:
 
     async def run(self) -> None:
         """Audit every ``interval`` until stopped."""
+        auditing = FailureStreak(log, "auditing the published tasks", traceback=False)
         while not self._stopped.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), self.interval)
             try:
                 while not self._stopped.is_set() and len(await self.audit_once()) == self.batch:
                     pass
+                auditing.succeeded()
             except Exception as exc:  # the broker or the database is away: try later
-                log.warning("auditing the published tasks failed, will retry: %s", exc)
+                auditing.failed(exc)
 
     async def audit_once(self) -> list[int]:
         """Put back in the outbox (up to ``batch``) tasks the broker cannot deliver;

@@ -51,6 +51,11 @@ class Queue(Protocol):
         """Give the task back at once, undone (graceful shutdown)."""
         ...
 
+    def redeliver_later(self, message: TaskMessage) -> None:
+        """Settling the task failed part-way (an ack, retry or release that raised: the
+        database away): deliver it again once its lease would have run out."""
+        ...
+
     def wake(self) -> None:
         """A hint that new tasks were stored, so idle receivers look now."""
         ...

@@ -125,5 +125,8 @@ class DbQueue:
     async def release(self, message: TaskMessage) -> None:
         await self.leases.release(message.task_id)
 
+    def redeliver_later(self, message: TaskMessage) -> None:
+        """Nothing to do: once its lease runs out, a claim takes the task again."""
+
     async def close(self) -> None:
         self.wake()

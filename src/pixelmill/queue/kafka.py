@@ -44,6 +44,7 @@ from aiokafka.structs import OffsetAndMetadata, RecordMetadata, TopicPartition
 from pixelmill.db import tables as t
 from pixelmill.db.engine import Database
 from pixelmill.domain import TaskKind
+from pixelmill.logs import FailureStreak
 from pixelmill.queue.audit import OutboxAudit
 from pixelmill.queue.base import TaskMessage
 from pixelmill.queue.kafka_config import KafkaConfig
@@ -276,15 +277,23 @@ class KafkaQueue:
     async def _pump_forever(self) -> None:
         assert self._consumer is not None
         consumer = self._consumer
+        # A KafkaError is the brokers being away: said in one line. Anything else is
+        # unexpected (with its traceback), and the pump must outlive it all the same:
+        # without it nothing arrives.
+        polling = FailureStreak(log, "kafka poll", traceback=False)
+        pumping = FailureStreak(log, "the kafka pump")
         while True:
             try:
                 await self._pump_once(consumer)
             except KafkaError as exc:
-                log.warning("kafka poll failed: %s", exc)
+                polling.failed(exc)
                 await asyncio.sleep(1.0)
-            except Exception:  # the pump must outlive anything: without it nothing arrives
-                log.exception("the kafka pump failed; going on")
+            except Exception as exc:
+                pumping.failed(exc)
                 await asyncio.sleep(1.0)
+            else:
+                polling.succeeded()
+                pumping.succeeded()
 
     async def _pump_once(self, consumer: AIOKafkaConsumer) -> None:
         self._release_due()
@@ -442,6 +451,22 @@ class KafkaQueue:
         elif self._holds(message.task_id) or not await self.leases.release(message.task_id):
             # A later delivery of the task holds the lease, ours or another member's.
             await self.leases.give_back_attempt(message.task_id, message.attempt)
+
+    def redeliver_later(self, message: TaskMessage) -> None:
+        """Deliver the record again from here once the lease would have run out, as the
+        queue table does: no one else will, since its offset is still in hand (nothing
+        is committed past it) and the consumer has read past it. A delivery whose
+        partition is no longer ours is left to its next owner; one whose offset was
+        done (the settling went that far) needs nothing."""
+        self._settled(message)
+        receipt = self._receipt(message)
+        if receipt is None:
+            return
+        offsets = self._offsets.get(receipt.partition)
+        if offsets is None or receipt.offset not in offsets.in_hand:
+            return
+        due = time.time() + self.leases.lease_seconds
+        heapq.heappush(self._delayed, (due, receipt.offset, message))
 
     def _holds(self, task_id: int) -> bool:
         """Whether a delivery of the task is in our hands."""

@@ -24,6 +24,7 @@ from sqlalchemy import bindparam, select, update
 
 from pixelmill.db import tables as t
 from pixelmill.db.engine import Database
+from pixelmill.logs import FailureStreak
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +100,15 @@ class OutboxRelay:
 
     async def run(self) -> None:
         """Relay until stopped; look again at every wake-up and every ``interval``."""
+        publishing = FailureStreak(log, "publishing tasks", traceback=False)
         while not self._stopping:
             self._wakeup.clear()
             try:
                 while await self.relay_once() == self.batch:
                     pass
+                publishing.succeeded()
             except Exception as exc:  # the broker or the database is away: try later
-                log.warning("publishing tasks failed, will retry: %s", exc)
+                publishing.failed(exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self.interval)
 

@@ -19,6 +19,7 @@ from pixelmill.db import deliveries
 from pixelmill.db.deliveries import ClaimedDelivery
 from pixelmill.db.engine import Database
 from pixelmill.imaging.addresses import AddressPolicy
+from pixelmill.logs import FailureStreak
 from pixelmill.webhooks.schedule import RetrySchedule
 from pixelmill.webhooks.sender import AttemptOutcome, WebhookSender
 from pixelmill.webhooks.signing import WebhookSigner, load_or_create_secret
@@ -74,13 +75,15 @@ class WebhookDispatcher:
         return self._signer
 
     async def run(self) -> None:
+        claiming = FailureStreak(log, "claiming webhook deliveries")
         try:
             while not self._stopping.is_set():
                 self._wakeup.clear()
                 try:
                     claimed = await self._claim()
-                except Exception:
-                    log.exception("claiming webhook deliveries failed; retrying")
+                    claiming.succeeded()
+                except Exception as exc:
+                    claiming.failed(exc)
                     claimed = 0
                 if not claimed:
                     await self._idle()

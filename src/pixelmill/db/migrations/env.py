@@ -35,7 +35,8 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_async() -> None:
-    db = Database(config.get_main_option("sqlalchemy.url") or "", pool_size=1)
+    # A migration may rewrite a large table: its statements are not cut short.
+    db = Database(config.get_main_option("sqlalchemy.url") or "", pool_size=1, command_timeout=None)
     try:
         async with db.writer.begin() as connection:
             await connection.run_sync(_run)
