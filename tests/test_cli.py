@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.image_host import ImageHost
 from tests.support.images import decoded_size
-from tests.support.server import ServeProcess, free_port
+from tests.support.server import PixelmillProcess, ServeProcess, free_port
 from tests.support.waiting import wait_until
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "products.csv"
@@ -414,3 +414,18 @@ def test_process_refuses_a_size_the_api_refuses(tmp_path: Path, option: str) -> 
     assert result.returncode == 2
     assert option in result.stderr and "less than or equal to 20000" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_api_logs_its_backends_once(tmp_path: Path) -> None:
+    """The check before the server starts opens the backends too, and says nothing."""
+    port = free_port()
+    env = {**os.environ, "PIXELMILL_DATA_DIR": str(tmp_path / "data")}
+    log = tmp_path / "api.log"
+    api = PixelmillProcess(
+        ["api", "--port", str(port)], env, log, f"http://127.0.0.1:{port}/readyz"
+    )
+    try:
+        api.start()
+    finally:
+        api.stop()
+    assert log.read_text().count("pixelmill backends: database=sqlite") == 1, log.read_text()

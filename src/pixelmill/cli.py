@@ -102,7 +102,7 @@ def _run_server(settings: Settings, host: str, port: int, **app_options: bool) -
 async def _open_and_close(settings: Settings, *, migrate: bool) -> None:
     from pixelmill.runtime import Runtime
 
-    runtime = await Runtime.open(settings, migrate=migrate)
+    runtime = await Runtime.open(settings, migrate=migrate, announce=False)
     await runtime.close()
 
 

@@ -48,13 +48,15 @@ class Runtime:
         migrate: bool = False,
         throwaway: bool = False,
         storage: Storage | None = None,
+        announce: bool = True,
     ) -> Runtime:
         """Build the parts named by the settings; unknown URL schemes fail here, at start.
 
         ``migrate`` brings the database up to date with the migrations; ``throwaway``
         creates the schema of a new database that lives for one run, straight from the
         tables module (the same schema, as tests/db/test_migrations.py proves, without
-        the start-up cost of Alembic).
+        the start-up cost of Alembic). ``announce`` logs the backends it opened (not
+        for a check that opens them only to close them again).
         """
         if migrate:
             from pixelmill.db.migrate import upgrade_async  # Alembic: only where it runs
@@ -87,13 +89,14 @@ class Runtime:
         except BaseException:
             await db.close()
             raise
-        log.info(
-            "pixelmill backends: database=%s queue=%s imaging=%s storage=%s",
-            db.writer.url.render_as_string(hide_password=True),
-            settings.queue_url,
-            settings.imaging_url,
-            settings.storage_url,
-        )
+        if announce:
+            log.info(
+                "pixelmill backends: database=%s queue=%s imaging=%s storage=%s",
+                db.writer.url.render_as_string(hide_password=True),
+                settings.queue_url,
+                settings.imaging_url,
+                settings.storage_url,
+            )
         return cls(settings, db, storage, queue)
 
     def start_worker(self, webhooks: bool = True) -> Worker:
