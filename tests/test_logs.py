@@ -63,6 +63,18 @@ def test_a_line_after_a_quiet_interval_says_nothing_was_held_back() -> None:
     assert again.getMessage() == "Unable connect to node with id 1: refused"
 
 
+def test_a_record_that_cannot_be_formatted_passes_untouched_instead_of_raising() -> None:
+    """A filter that raised would raise into the library's code that logged."""
+    clock = Clock()
+    limit = RepeatLimit(interval=30, clock=clock)
+    assert limit.filter(record("aiokafka", "node %s of %s", 1, 2))
+    assert not limit.filter(record("aiokafka", "node %s of %s", 1, 2))
+    clock.now += 31
+    broken = record("aiokafka", "node %s of %s", 1)  # one argument short
+    assert limit.filter(broken)
+    assert broken.msg == "node %s of %s" and broken.args == (1,)
+
+
 def test_other_loggers_and_lines_below_warning_always_pass() -> None:
     limit = RepeatLimit(interval=30, clock=Clock())
     for _ in range(3):
@@ -117,21 +129,29 @@ def test_a_run_of_failures_is_told_once_in_full_then_every_interval_then_its_end
     assert first.levelno == logging.ERROR and first.exc_info is not None
 
 
-def test_a_new_run_starts_in_full_and_a_known_cause_comes_without_its_traceback(
+def test_a_new_run_starts_anew_and_only_an_unexpected_cause_comes_with_its_traceback(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     clock = Clock()
-    streak = FailureStreak(logging.getLogger("loop"), "kafka poll", traceback=False, clock=clock)
+    streak = FailureStreak(
+        logging.getLogger("loop"), "kafka poll", expected=lambda exc: isinstance(exc, OSError),
+        clock=clock,
+    )  # fmt: skip
     caplog.set_level(logging.INFO, logger="loop")
     streak.failed(OSError("down"))
     streak.succeeded()
     streak.failed(OSError("down again"))
+    streak.succeeded()
+    streak.failed(ValueError("a bug"))
     assert streak_lines(caplog) == [
         "kafka poll failed, will retry: OSError: down",
         "kafka poll works again after 1 failures in 0 s",
         "kafka poll failed, will retry: OSError: down again",
+        "kafka poll works again after 1 failures in 0 s",
+        "kafka poll failed, will retry: ValueError: a bug",
     ]
-    assert all(record.exc_info is None for record in caplog.records)
+    with_traceback = [record.getMessage() for record in caplog.records if record.exc_info]
+    assert with_traceback == ["kafka poll failed, will retry: ValueError: a bug"]
 
 
 def test_brief_is_one_line_and_names_the_drivers_error() -> None:

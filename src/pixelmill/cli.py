@@ -306,12 +306,13 @@ async def _with_database(action: Callable[[Database], Awaitable[T]]) -> T:
 
     from pixelmill.db.engine import Database
 
-    url = _settings().database_url
+    settings = _settings()
+    url = settings.database_url
     path = make_url(url).database if url.startswith("sqlite") else None
     if path and not Path(path).is_file():
         console.print(f"[red]no database at {path}[/red]: run `pixelmill db upgrade` first")
         raise typer.Exit(1)
-    database = Database(url)
+    database = Database(url, command_timeout=settings.database_command_timeout_seconds)
     try:
         return await action(database)
     except (OSError, SQLAlchemyError) as exc:

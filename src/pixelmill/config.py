@@ -94,9 +94,9 @@ class Settings(BaseSettings):
     # Connections per process kept open to the database (PostgreSQL may open as many
     # again at peaks): keep processes x 2 x this under the server's max_connections.
     database_pool_size: int = Field(default=10, ge=1)
-    # PostgreSQL: the longest a statement or a new connection may take before it fails
-    # (and is retried as transient); a silent network would otherwise hang it for hours.
-    database_command_timeout_seconds: float = Field(default=60.0, gt=0)
+    # PostgreSQL: the longest a statement may take before it fails (a transient failure);
+    # a silent network would otherwise hold it for hours.
+    database_command_timeout_seconds: float = Field(default=30.0, gt=0)
     # SQLite's PRAGMA synchronous: "normal" loses no commit when a process crashes (WAL),
     # "full" none on a power cut either; "off" is for a database that lives for one run.
     sqlite_synchronous: SqliteSynchronous = "normal"

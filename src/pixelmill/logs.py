@@ -59,33 +59,47 @@ class RepeatLimit(logging.Filter):
                 return False
             self._kinds[kind] = (now, 0)
         if held and passed_at is not None:
-            # Appended after formatting, so that a "%" in the arguments stays as it is.
-            since = now - passed_at
-            record.msg = f"{record.getMessage()} ({held} more like this in the last {since:.0f} s)"
-            record.args = None
+            self._tell_held(record, held, now - passed_at)
         return True
+
+    @staticmethod
+    def _tell_held(record: logging.LogRecord, held: int, since: float) -> None:
+        """Append the count to the message, formatted first so that a "%" in the
+        arguments stays as it is; a record that cannot be formatted is left for the
+        handler to report, since a filter must not raise into the code that logged."""
+        try:
+            message = record.getMessage()
+        except Exception:
+            return
+        record.msg = f"{message} ({held} more like this in the last {since:.0f} s)"
+        record.args = ()
 
     def _noisy(self, name: str) -> bool:
         return any(name == prefix or name.startswith(prefix + ".") for prefix in self.prefixes)
 
 
+def _never(_exc: BaseException) -> bool:
+    return False
+
+
 class FailureStreak:
-    """What a loop that retries says about a run of failures: the first in full, then one
-    line every ``interval`` seconds with how many there were, and one when it works
-    again. ``doing`` names the loop's work ("receiving a task")."""
+    """What a loop that retries says about a run of failures: the first, then one line
+    every ``interval`` seconds with how many there were, and one when it works again.
+    ``doing`` names the loop's work ("receiving a task"). The first comes with its
+    traceback unless ``expected`` says its cause is known (a backend away)."""
 
     def __init__(
         self,
         log: logging.Logger,
         doing: str,
         *,
-        traceback: bool = True,
+        expected: Callable[[BaseException], bool] = _never,
         interval: float = REPEAT_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.log = log
         self.doing = doing
-        self.traceback = traceback  # with the first failure; off where the cause is known
+        self.expected = expected
         self.interval = interval
         self.clock = clock
         self.failures = 0
@@ -101,7 +115,7 @@ class FailureStreak:
             self._began = self._said = now
             self.log.error(
                 "%s failed, will retry: %s", self.doing, brief(exc),
-                exc_info=exc if self.traceback else None,
+                exc_info=None if self.expected(exc) else exc,
             )  # fmt: skip
             return
         self._unsaid += 1

@@ -98,7 +98,7 @@ class Worker:
         # free: images taken but queued here would sit idle while another worker has
         # nothing left to do (the end of every request).
         self._taking = asyncio.Lock()
-        self._receiving = FailureStreak(log, "receiving a task")
+        self._receiving = FailureStreak(log, "receiving a task", expected=is_transient)
         self._capacity_changed = asyncio.Event()
         self._task_started = asyncio.Event()
         self._tasks_in_hand: set[_Unstarted] = set()
@@ -187,6 +187,7 @@ class Worker:
                 log.error(
                     "task %s could not be settled (%s); it will come back",
                     message.task_id, brief(exc),
+                    exc_info=None if is_transient(exc) else exc,
                 )  # fmt: skip
                 self.queue.redeliver_later(message)
                 await asyncio.sleep(1.0)
@@ -200,7 +201,8 @@ class Worker:
                 # Shutting down: give the task the grace period, then hand it back.
                 await asyncio.wait({handler}, timeout=self.settings.shutdown_grace_seconds)
             if handler.done():
-                handler.result()  # raises what settling the task raised, for the slot
+                if not handler.cancelled():
+                    handler.result()  # raises what settling the task raised, for the slot
                 return
             handler.cancel()
             await asyncio.gather(handler, return_exceptions=True)

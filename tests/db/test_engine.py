@@ -95,6 +95,15 @@ async def test_an_error_of_the_work_itself_is_not_retried(db: Database) -> None:
     assert count == 1
 
 
+def test_a_connection_closed_while_the_pool_sets_it_up_is_transient() -> None:
+    """asyncpg raises its own error there, unwrapped; its misuse errors stay final."""
+    import asyncpg
+
+    assert is_transient(asyncpg.InterfaceError("connection is closed"))
+    assert not is_transient(asyncpg.InterfaceError("another operation is in progress"))
+    assert not is_transient(ValueError("connection is closed"))
+
+
 async def test_retries_give_up_after_the_last_attempt(no_waits: None) -> None:
     tries = 0
 

@@ -61,9 +61,15 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 return  # stopped
-            if self._silent:
-                with self._lock:
+            with self._lock:
+                alive = self._listener is listener
+                silent = alive and self._silent
+                if silent:
                     self._sockets.add(client)  # held open, never answered
+            if not alive:
+                _reset(client)  # stop() ran since accept()
+                continue
+            if silent:
                 continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target_port))

@@ -15,6 +15,7 @@ import asyncio
 import functools
 import logging
 import random
+import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
@@ -47,11 +48,13 @@ RETRY_MAX_DELAY = 2.0
 # SQLSTATEs that say nothing about the work itself: serialization failure, deadlock,
 # the connection exception class (08...), and the server shutting down or starting up.
 _TRANSIENT_SQLSTATES = ("40001", "40P01", "08", "57P01", "57P02", "57P03")
-# PostgreSQL: how long one statement, or a new connection, may take. Without a limit a
-# server that goes silent (a network partition, a frozen VM) holds a statement for
-# as long as TCP takes to notice, two hours by default; past it the statement fails
-# with TimeoutError, which counts as transient.
-COMMAND_TIMEOUT_SECONDS = 60.0
+# PostgreSQL: how long one statement may take. Without a limit a server that goes
+# silent (a network partition, a frozen VM) holds a statement for as long as TCP takes
+# to notice, two hours by default; past it the statement fails with TimeoutError,
+# which counts as transient. A new connection takes milliseconds, or a handshake more
+# with TLS: the connect timeout is short, and bounded even where statements are not.
+COMMAND_TIMEOUT_SECONDS = 30.0
+CONNECT_TIMEOUT_SECONDS = 10.0
 
 _ASYNC_DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
@@ -104,7 +107,19 @@ def is_transient(exc: BaseException) -> bool:
         if exc.connection_invalidated:
             return True
         return str(getattr(exc.orig, "sqlstate", "") or "").startswith(_TRANSIENT_SQLSTATES)
-    return isinstance(exc, OSError)  # the network: refused, reset, timed out
+    return isinstance(exc, OSError) or _closed_while_connecting(exc)  # OSError: the network
+
+
+def _closed_while_connecting(exc: BaseException) -> bool:
+    """asyncpg's own error for a connection that closed while the pool set it up (the
+    setup runs outside SQLAlchemy's wrapping); looked up only once asyncpg is loaded,
+    so that SQLite-only processes do not import it."""
+    asyncpg = sys.modules.get("asyncpg")
+    return (
+        asyncpg is not None
+        and isinstance(exc, asyncpg.InterfaceError)
+        and "connection is closed" in str(exc)
+    )
 
 
 def retry_transient(
@@ -141,8 +156,8 @@ class Database:
     """The engines of one database, with ``read()`` and ``write()`` units of work.
 
     ``sqlite_synchronous`` is SQLite's ``PRAGMA synchronous`` (``off``, ``normal``,
-    ``full``); other databases ignore it. ``command_timeout`` bounds each statement and
-    each new connection on PostgreSQL (None: no bound); SQLite has no network to lose.
+    ``full``); other databases ignore it. ``command_timeout`` bounds each statement on
+    PostgreSQL (None: no bound); SQLite has no network to lose.
     """
 
     def __init__(
@@ -171,7 +186,10 @@ class Database:
                 pool_size=pool_size,
                 max_overflow=pool_size,
                 pool_pre_ping=True,
-                connect_args={"command_timeout": command_timeout, "timeout": command_timeout},
+                connect_args={
+                    "command_timeout": command_timeout,
+                    "timeout": CONNECT_TIMEOUT_SECONDS,
+                },
             )
             # The same pool; its transactions see one snapshot and cannot write.
             self.reader = self.writer.execution_options(

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 from sqlalchemy import ColumnElement, Row, and_, false, or_, select, update
 
 from pixelmill.db import tables as t
-from pixelmill.db.engine import Database
+from pixelmill.db.engine import Database, is_transient
 from pixelmill.logs import FailureStreak
 
 log = logging.getLogger(__name__)
@@ -166,9 +166,11 @@ class OutboxAudit:
         interval: float = 5.0,
         timeout: float = 10.0,
         batch: int = 1000,
+        backend_away: Callable[[BaseException], bool] = is_transient,
     ) -> None:
         self.db = db
         self.broker = broker
+        self.backend_away = backend_away  # a failure worth a line, not a traceback
         self.on_requeued = on_requeued  # e.g. wake the relay: there is work for it
         self.interval = interval
         self.timeout = timeout  # for each question to the broker
@@ -180,7 +182,7 @@ class OutboxAudit:
 
     async def run(self) -> None:
         """Audit every ``interval`` until stopped."""
-        auditing = FailureStreak(log, "auditing the published tasks", traceback=False)
+        auditing = FailureStreak(log, "auditing the published tasks", expected=self.backend_away)
         while not self._stopped.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), self.interval)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import json
 import logging
 import time
@@ -42,7 +43,7 @@ from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata, RecordMetadata, TopicPartition
 
 from pixelmill.db import tables as t
-from pixelmill.db.engine import Database
+from pixelmill.db.engine import Database, is_transient
 from pixelmill.domain import TaskKind
 from pixelmill.logs import FailureStreak
 from pixelmill.queue.audit import OutboxAudit
@@ -120,7 +121,9 @@ class KafkaQueue:
         self.max_attempts = max_attempts
         self._buffer: asyncio.Queue[TaskMessage] = asyncio.Queue()
         self._buffer_size = buffer
+        # Deliveries due later: (when, a number that orders ties, the delivery).
         self._delayed: list[tuple[float, int, TaskMessage]] = []
+        self._delayed_count = itertools.count()
         self._offsets: dict[TopicPartition, _PartitionOffsets] = {}
         # Bumped when a partition is revoked: receipts of older deliveries are void.
         self._generations: dict[TopicPartition, int] = {}
@@ -130,13 +133,16 @@ class KafkaQueue:
         self._consumer: AIOKafkaConsumer | None = None
         self._pump: asyncio.Task[None] | None = None
         self._started = asyncio.Lock()
-        self.relay = OutboxRelay(db, self._publish, interval=publish_interval)
+        self.relay = OutboxRelay(
+            db, self._publish, interval=publish_interval, backend_away=backend_away
+        )
         self.log = KafkaLog(config)
         self.audit = OutboxAudit(
             db,
             self.log,
             on_requeued=self.relay.wake,
             interval=config.audit_interval_ms / 1000,
+            backend_away=backend_away,
         )
         self._relay_task: asyncio.Task[None] | None = None
         self._audit_task: asyncio.Task[None] | None = None
@@ -277,23 +283,15 @@ class KafkaQueue:
     async def _pump_forever(self) -> None:
         assert self._consumer is not None
         consumer = self._consumer
-        # A KafkaError is the brokers being away: said in one line. Anything else is
-        # unexpected (with its traceback), and the pump must outlive it all the same:
-        # without it nothing arrives.
-        polling = FailureStreak(log, "kafka poll", traceback=False)
-        pumping = FailureStreak(log, "the kafka pump")
+        polling = FailureStreak(log, "kafka poll", expected=backend_away)
         while True:
             try:
                 await self._pump_once(consumer)
-            except KafkaError as exc:
+            except Exception as exc:  # the pump must outlive anything: without it nothing arrives
                 polling.failed(exc)
-                await asyncio.sleep(1.0)
-            except Exception as exc:
-                pumping.failed(exc)
                 await asyncio.sleep(1.0)
             else:
                 polling.succeeded()
-                pumping.succeeded()
 
     async def _pump_once(self, consumer: AIOKafkaConsumer) -> None:
         self._release_due()
@@ -353,7 +351,7 @@ class KafkaQueue:
         self._offsets.setdefault(partition, _PartitionOffsets()).in_hand.add(offset)
         not_before = float(body.get("not_before") or 0)
         if not_before > time.time():
-            heapq.heappush(self._delayed, (not_before, offset, message))
+            self._deliver_at(not_before, message)
         else:
             self._buffer.put_nowait(message)
 
@@ -465,8 +463,10 @@ class KafkaQueue:
         offsets = self._offsets.get(receipt.partition)
         if offsets is None or receipt.offset not in offsets.in_hand:
             return
-        due = time.time() + self.leases.lease_seconds
-        heapq.heappush(self._delayed, (due, receipt.offset, message))
+        self._deliver_at(time.time() + self.leases.lease_seconds, message)
+
+    def _deliver_at(self, due: float, message: TaskMessage) -> None:
+        heapq.heappush(self._delayed, (due, next(self._delayed_count), message))
 
     def _holds(self, task_id: int) -> bool:
         """Whether a delivery of the task is in our hands."""
@@ -525,11 +525,16 @@ class KafkaQueue:
             if _receipt_partition(message) not in partitions:
                 self._buffer.put_nowait(message)
         self._delayed = [
-            (due, offset, message)
-            for due, offset, message in self._delayed
+            (due, number, message)
+            for due, number, message in self._delayed
             if _receipt_partition(message) not in partitions
         ]
         heapq.heapify(self._delayed)
+
+
+def backend_away(exc: BaseException) -> bool:
+    """A failure of the database or the brokers, not of our code: worth one line."""
+    return is_transient(exc) or isinstance(exc, KafkaError)
 
 
 # How long one step of closing may take when the brokers do not answer.

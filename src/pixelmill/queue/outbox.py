@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import bindparam, select, update
 
 from pixelmill.db import tables as t
-from pixelmill.db.engine import Database
+from pixelmill.db.engine import Database, is_transient
 from pixelmill.logs import FailureStreak
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,11 @@ class OutboxRelay:
         interval: float = 1.0,
         batch: int = 500,
         publish_timeout: float = 10.0,
+        backend_away: Callable[[BaseException], bool] = is_transient,
     ) -> None:
         self.db = db
         self.publish = publish
+        self.backend_away = backend_away  # a failure worth a line, not a traceback
         self.interval = interval
         self.batch = batch
         self.publish_timeout = publish_timeout
@@ -100,7 +102,7 @@ class OutboxRelay:
 
     async def run(self) -> None:
         """Relay until stopped; look again at every wake-up and every ``interval``."""
-        publishing = FailureStreak(log, "publishing tasks", traceback=False)
+        publishing = FailureStreak(log, "publishing tasks", expected=self.backend_away)
         while not self._stopping:
             self._wakeup.clear()
             try:

@@ -17,7 +17,7 @@ import time
 from pixelmill.config import Settings
 from pixelmill.db import deliveries
 from pixelmill.db.deliveries import ClaimedDelivery
-from pixelmill.db.engine import Database
+from pixelmill.db.engine import Database, is_transient
 from pixelmill.imaging.addresses import AddressPolicy
 from pixelmill.logs import FailureStreak
 from pixelmill.webhooks.schedule import RetrySchedule
@@ -75,7 +75,7 @@ class WebhookDispatcher:
         return self._signer
 
     async def run(self) -> None:
-        claiming = FailureStreak(log, "claiming webhook deliveries")
+        claiming = FailureStreak(log, "claiming webhook deliveries", expected=is_transient)
         try:
             while not self._stopping.is_set():
                 self._wakeup.clear()
