@@ -83,8 +83,10 @@ def test_a_worker_rides_out_a_database_outage_and_its_log_stays_short(
         log = worker.log_path
         before = len(log.read_text().splitlines())
         outage.begin(proxy)
+        # The webhook dispatcher's loop asks the database every poll, whatever the
+        # worker holds: its lines tell when the worker has found the database away.
         wait_until(
-            lambda: "receiving a task failed, will retry" in log.read_text(),
+            lambda: "claiming webhook deliveries failed, will retry" in log.read_text(),
             timeout=60,
             what="the worker finding the database away",
         )
@@ -92,7 +94,7 @@ def test_a_worker_rides_out_a_database_outage_and_its_log_stays_short(
         during = log.read_text().splitlines()[before:]
         outage.end(proxy)
         wait_until(
-            lambda: "receiving a task works again" in log.read_text(),
+            lambda: "claiming webhook deliveries works again" in log.read_text(),
             timeout=60,
             what="the worker finding the database back",
         )

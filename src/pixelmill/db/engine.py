@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import random
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -52,7 +53,8 @@ _TRANSIENT_SQLSTATES = ("40001", "40P01", "08", "57P01", "57P02", "57P03")
 # silent (a network partition, a frozen VM) holds a statement for as long as TCP takes
 # to notice, two hours by default; past it the statement fails with TimeoutError,
 # which counts as transient. A new connection takes milliseconds, or a handshake more
-# with TLS: the connect timeout is short, and bounded even where statements are not.
+# with TLS: it may take as long as a statement, at most 10 s, even where statements
+# are not bounded.
 COMMAND_TIMEOUT_SECONDS = 30.0
 CONNECT_TIMEOUT_SECONDS = 10.0
 
@@ -181,6 +183,7 @@ class Database:
                 driver_url, "BEGIN", sqlite_synchronous, pool_size=pool_size
             )
         else:
+            connect_timeout = min(command_timeout or math.inf, CONNECT_TIMEOUT_SECONDS)
             self.writer = create_async_engine(
                 driver_url,
                 pool_size=pool_size,
@@ -188,7 +191,7 @@ class Database:
                 pool_pre_ping=True,
                 connect_args={
                     "command_timeout": command_timeout,
-                    "timeout": CONNECT_TIMEOUT_SECONDS,
+                    "timeout": connect_timeout,
                 },
             )
             # The same pool; its transactions see one snapshot and cannot write.
