@@ -137,9 +137,9 @@ class FailureStreak:
 
 
 def brief(exc: BaseException) -> str:
-    """An exception in one line: its type and the first line of its message. For a
-    database error, the driver's own (SQLAlchemy keeps it in ``orig`` and appends the
-    statement to its message)."""
+    """An exception in one line: its type and the first line of its message (a bare
+    ``TimeoutError``: its name alone). For a database error, the driver's own
+    (SQLAlchemy keeps it in ``orig`` and appends the statement to its message)."""
     cause = getattr(exc, "orig", None)
     if isinstance(cause, BaseException):
         exc = cause

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit, urlunsplit
 
+from pixelmill.logs import brief
+
 
 class StartupError(Exception):
     """A part of the runtime could not be opened; the message says which and why."""
@@ -24,19 +26,9 @@ def without_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-def reason(exc: BaseException) -> str:
-    """The first line of what the driver said (SQLAlchemy wraps it in ``orig``)."""
-    cause = getattr(exc, "orig", None) or exc
-    text = str(cause).splitlines()[0] if str(cause) else ""
-    name = type(cause).__name__
-    if not text:  # e.g. a bare TimeoutError: its name is all there is
-        return name
-    return text if text.startswith(name) else f"{name}: {text}"
-
-
 def failure(what: str, part: str, url: str, setting: str, exc: BaseException) -> str:
     """E.g. ``cannot reach the queue kafka://b:9092 (PIXELMILL_QUEUE_URL): ...``."""
-    why = reason(exc)
+    why = brief(exc)
     password = urlsplit(url).password
     if password:  # drivers may quote the address they were given whole
         why = why.replace(password, "***")
