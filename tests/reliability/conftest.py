@@ -27,6 +27,7 @@ from tests.support.databases import PostgresServer
 from tests.support.kafka import TansuBroker
 from tests.support.writes import WriteCounter
 
+WORKER_CONCURRENCY = 8  # images each worker of a reliability stack has in flight at most
 STACKS = ("embedded", "distributed")
 SOAK = max(1, int(os.environ.get("PIXELMILL_SOAK", "1") or 1))
 
@@ -70,7 +71,7 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, 
         "PIXELMILL_LEASE_SECONDS": "3",
         "PIXELMILL_POLL_INTERVAL": "0.1",
         "PIXELMILL_RETRY_BACKOFF_SECONDS": "0.1",
-        "PIXELMILL_WORKER_CONCURRENCY": "8",
+        "PIXELMILL_WORKER_CONCURRENCY": str(WORKER_CONCURRENCY),
         "PIXELMILL_TASK_MAX_IMAGES": "16",
     }
     if request.param == "embedded":

@@ -29,7 +29,7 @@ from tests.reliability.checks import (
     upload,
     watch_request,
 )
-from tests.reliability.conftest import scaled
+from tests.reliability.conftest import WORKER_CONCURRENCY, scaled
 from tests.support.cluster import Cluster
 from tests.support.databases import run_async
 from tests.support.image_host import ImageHost
@@ -37,7 +37,6 @@ from tests.support.waiting import wait_until
 from tests.support.writes import WriteCounter
 
 CHANGES = ("join", "join", "leave", "join")  # 1 -> 2 -> 3 -> 2 -> 3 workers
-WORKER_CONCURRENCY = 8  # PIXELMILL_WORKER_CONCURRENCY of the reliability stacks
 
 
 def test_workers_joining_and_leaving_mid_request_move_tasks_without_counting_them(
