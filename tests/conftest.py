@@ -26,6 +26,7 @@ from tests.support.databases import ADMIN_URL_ENV, BACKENDS, PostgresServer, fre
 from tests.support.image_host import ImageHost
 from tests.support.images import build_corpus
 from tests.support.kafka import TansuBroker
+from tests.support.s3 import CREDENTIALS, S3Server
 
 
 @pytest.fixture(scope="session")
@@ -190,3 +191,16 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBrok
     broker = TansuBroker(tmp_path_factory.mktemp("kafka") / "broker.log").start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """An S3-compatible server shared by the session; each test makes its own bucket.
+    Its credentials are in the environment, where the SDK (and every pixelmill process
+    a test starts) finds them."""
+    server = S3Server(tmp_path_factory.mktemp("s3") / "s3.log").start()
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in CREDENTIALS.items():
+            patch.setenv(name, value)
+        yield server
+    server.stop()

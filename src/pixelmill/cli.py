@@ -99,6 +99,19 @@ def _run_server(settings: Settings, host: str, port: int, **app_options: bool) -
     uvicorn.run(application, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
 
 
+def _check_storage(settings: Settings) -> None:
+    """Say in one line, and exit, when the storage cannot be used."""
+    from pixelmill.startup import StartupError, check_storage
+    from pixelmill.storage import open_storage
+    from pixelmill.worker_main import run_async
+
+    try:
+        storage = open_storage(settings.storage_url, settings.storage_base_url)
+        run_async(check_storage(storage, settings.storage_url))
+    except (StartupError, ValueError) as exc:
+        _fail_in_one_line(str(exc))
+
+
 async def _open_and_close(settings: Settings, *, migrate: bool) -> None:
     from pixelmill.runtime import Runtime
 
@@ -156,6 +169,7 @@ def imaging(
 
     settings = _settings()  # refused here, once, when invalid
     logs.configure(settings.log_level)
+    _check_storage(settings)
     options: dict[str, Any] = {
         "host": host,
         "port": port,

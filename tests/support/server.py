@@ -21,6 +21,37 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class ServerOnPort:
+    """A server (not pixelmill) in a subprocess on a free loopback port, its output
+    appended to a log file; :meth:`stop` is kill -9."""
+
+    name = "the server"
+
+    def __init__(self, log_path: Path) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self, args: list[str]) -> None:
+        """Start ``args`` and return once the port accepts connections."""
+        self.process = subprocess.Popen(
+            args, stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT
+        )
+        wait_until(self._listening, timeout=60, what=self.name)
+
+    def _listening(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"{self.name} exited: {self.log_path.read_text()[-2000:]}")
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
 class PixelmillProcess:
     """A ``pixelmill`` command in a subprocess, its output in a log file.
 

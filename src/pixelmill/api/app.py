@@ -17,10 +17,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pixelmill import __version__, collector
 from pixelmill.api.deps import RuntimeDep
 from pixelmill.api.errors import ApiError, error_response, install_error_handlers
-from pixelmill.api.routes import NO_SNIFFING, router
+from pixelmill.api.routes import router
+from pixelmill.api.stored import NO_SNIFFING, stored_object
 from pixelmill.config import Settings
 from pixelmill.runtime import Runtime
-from pixelmill.storage import StorageError
 
 SAMPLES_DIR = Path(str(files("pixelmill") / "samples"))
 
@@ -112,15 +112,9 @@ def _add_operations(app: FastAPI) -> None:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/files/{key:path}", tags=["operations"], response_class=FileResponse)
-    async def stored_file(key: str, runtime: RuntimeDep) -> FileResponse:
-        """Processed images and output CSVs, when storage is local."""
-        try:
-            path = runtime.storage.local_path(key)
-        except StorageError:
-            path = None
-        if path is None or not path.is_file():
-            raise ApiError(404, "not_found", f"no stored file {key!r}")
-        return FileResponse(path, headers=NO_SNIFFING)
+    async def stored_file(key: str, runtime: RuntimeDep) -> Response:
+        """Processed images and output CSVs, from whichever storage holds them."""
+        return await stored_object(runtime.storage, key)
 
 
 def _add_samples(app: FastAPI) -> None:

@@ -20,6 +20,7 @@ from pixelmill.api.schemas import (
     RequestPage,
     WebhookOut,
 )
+from pixelmill.api.stored import stored_object
 from pixelmill.api.uploads import received_upload
 from pixelmill.csvio import CsvLimits
 from pixelmill.db import deliveries, queries
@@ -31,7 +32,6 @@ router = APIRouter()
 
 # Stored bytes came from the internet: a browser must take them for the type they are
 # served as (an image, a CSV), never sniff them into a page.
-NO_SNIFFING = {"X-Content-Type-Options": "nosniff"}
 
 # The largest page offset taken: far past any real total, and an integer that every
 # JSON reader and both databases hold exactly.
@@ -181,16 +181,8 @@ async def output_csv(request_id: str, runtime: RuntimeDep, owner: OwnerDep) -> R
             "not_finished",
             f"request {request_id} is {row.status}; the output CSV exists once it is finished",
         )
-    path = runtime.storage.local_path(row.output_key)
-    if path is None:
-        return Response(
-            status_code=307, headers={"Location": runtime.storage.url_for(row.output_key)}
-        )
-    return FileResponse(
-        path,
-        media_type="text/csv; charset=utf-8",
-        filename=f"{request_id}.csv",
-        headers=NO_SNIFFING,
+    return await stored_object(
+        runtime.storage, row.output_key, "text/csv; charset=utf-8", f"{request_id}.csv"
     )
 
 
