@@ -28,6 +28,7 @@ from pixelmill.db.engine import Database, is_transient
 from pixelmill.domain import (
     ErrorCode,
     ImageFailure,
+    ImageOutcome,
     ImageRecord,
     ImageStatus,
     ProcessingOptions,
@@ -60,6 +61,13 @@ class RetryPolicy:
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         jittered = jittered_backoff(attempt, self.base_delay, self.max_delay)
         return min(self.max_delay, max(jittered, retry_after or 0.0))
+
+
+def _storage_away(outcome: ImageOutcome) -> str | None:
+    """What to wait for when ``outcome`` is a storage that failed, else None."""
+    if isinstance(outcome, ImageFailure) and outcome.code is ErrorCode.STORAGE_ERROR:
+        return f"the storage: {outcome.message}"
+    return None
 
 
 @dataclass
@@ -349,17 +357,20 @@ class Worker:
                     outcome = await self.imaging.process(
                         image.input_url, options, stem, fresh=fresh and attempt == 0
                     )
+                    away = _storage_away(outcome)
                 except ImagingUnavailableError as exc:
                     outcome = None
-                    reason = exc
+                    away = f"the imaging service: {exc}"
             self._capacity_changed.set()
-            if outcome is None:
-                # No imaging service took it: wait for one, spending no attempt of the image.
+            if away:
+                # No imaging service took it, or the result could not be stored: wait for
+                # them to be back, spending no attempt of the image (it is not its fault).
                 waits += 1
                 if waits == 1:
-                    log.warning("image %d waits for the imaging service: %s", image.id, reason)
+                    log.warning("image %d waits for %s", image.id, away)
                 await asyncio.sleep(self.retry.delay(waits))
                 continue
+            assert outcome is not None
             attempt += 1
             last = attempt >= self.retry.attempts
             if not isinstance(outcome, ImageFailure) or not outcome.is_transient or last:

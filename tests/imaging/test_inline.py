@@ -218,12 +218,14 @@ async def test_trusted_prefixes_come_from_the_settings(
 
 
 @pytest.mark.parametrize("stem", ["../escape", "/abs/path", "a//b"])
-async def test_unsafe_output_keys_are_a_storage_error(
+async def test_unsafe_output_keys_are_refused_as_an_internal_error(
     image_host: ImageHost, tmp_path: Path, make_imaging: MakeImaging, stem: str
 ) -> None:
     outcome = await make_imaging().process(image_host.url("img/cat.jpg"), ProcessingOptions(), stem)
 
-    assert failed(outcome).code == ErrorCode.STORAGE_ERROR
+    # Not storage_error, which workers wait on: a wrong key is the caller's bug.
+    assert failed(outcome).code == ErrorCode.INTERNAL_ERROR
+    assert "invalid storage key" in failed(outcome).message
     assert not (tmp_path / "escape.jpg").exists()
 
 

@@ -157,9 +157,10 @@ async def test_image_failures_pass_through_unchanged(
 
 
 async def test_storage_failures_pass_through_as_transient(
-    image_host: ImageHost, remote: HttpImaging
+    image_host: ImageHost, remote: HttpImaging, service_root: Path
 ) -> None:
-    outcome = await remote.process(image_host.url("img/cat.jpg"), ProcessingOptions(), "../out")
+    (service_root / "blocked").write_bytes(b"a file where a folder should be")
+    outcome = await remote.process(image_host.url("img/cat.jpg"), ProcessingOptions(), "blocked/1")
 
     assert isinstance(outcome, ImageFailure)
     assert outcome.code == ErrorCode.STORAGE_ERROR and outcome.is_transient

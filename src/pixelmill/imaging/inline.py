@@ -20,7 +20,7 @@ from pixelmill.domain import (
 from pixelmill.imaging.addresses import AddressPolicy
 from pixelmill.imaging.fetch import FetchedBody, Fetcher, FetchLimits
 from pixelmill.imaging.ops import EncodedImage, ImageLimits, process_image
-from pixelmill.storage import Storage, StorageError, StoredObject
+from pixelmill.storage import InvalidKeyError, Storage, StorageError, StoredObject
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class InlineImaging:
             try:
                 stored = await self.storage.find(output_stem, OUTPUT_EXTENSIONS)
             except StorageError as exc:
-                return ImageFailure(ErrorCode.STORAGE_ERROR, str(exc))
+                return _storage_failure(exc)
             if stored is not None and (earlier := self._earlier_result(stored, started)):
                 return earlier
         fetched = await self.fetcher.fetch(source_url)
@@ -112,7 +112,7 @@ class InlineImaging:
                 key, encoded.data, content_type(encoded.format), _metadata(encoded)
             )
         except StorageError as exc:
-            return ImageFailure(ErrorCode.STORAGE_ERROR, str(exc))
+            return _storage_failure(exc)
         return ProcessedImage(
             output_key=key,
             output_url=self.storage.url_for(key),
@@ -163,6 +163,13 @@ def _metadata(encoded: EncodedImage) -> dict[str, str]:
         "output_quality": "" if encoded.output_quality is None else str(encoded.output_quality),
         "kept_source": "true" if encoded.kept_source else "false",
     }
+
+
+def _storage_failure(exc: StorageError) -> ImageFailure:
+    """``storage_error`` (workers wait for the storage to come back), unless the key
+    itself is wrong: that is a bug of the caller, and waiting would not mend it."""
+    code = ErrorCode.INTERNAL_ERROR if isinstance(exc, InvalidKeyError) else ErrorCode.STORAGE_ERROR
+    return ImageFailure(code, str(exc))
 
 
 def _optional_int(text: str) -> int | None:
