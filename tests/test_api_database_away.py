@@ -12,6 +12,7 @@ from sqlalchemy import make_url
 from pixelmill.api.app import create_app
 from pixelmill.config import Settings
 from tests.support.proxy import TcpProxy
+from tests.support.waiting import wait_until
 
 CSV = b"S. No.,Product Name,Input Image Urls\n1,A,https://img.example.com/a.jpg\n"
 
@@ -65,3 +66,26 @@ def test_routes_that_need_the_database_answer_503_in_json_while_it_is_away(
     proxy.start()  # back on the same port
     assert client.get(request_path).status_code == 200
     assert client.get("/api/v1/requests").json()["total"] == 1, "the refused upload left nothing"
+
+
+def test_metrics_say_the_database_is_away_and_still_answer(
+    client: TestClient, proxy: TcpProxy
+) -> None:
+    assert "pixelmill_database_up 1.0" in client.get("/metrics").text
+    proxy.stop()
+    away = client.get("/metrics")
+    assert away.status_code == 200
+    # Read again once the last figures are older than the refresh interval.
+    page = wait_until(
+        lambda: "pixelmill_database_up 0.0" in (text := client.get("/metrics").text) and text,
+        timeout=30,
+        what="the database reported down",
+    )
+    assert "pixelmill_requests{" not in page, "no stale figures while it is away"
+    assert "python_info" in page and "pixelmill_http_requests_total" in page
+    proxy.start()
+    wait_until(
+        lambda: "pixelmill_database_up 1.0" in client.get("/metrics").text,
+        timeout=30,
+        what="the database reported back",
+    )

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.backends import Backend
 from tests.support.databases import terminate_other_connections
 from tests.support.image_host import ImageHost
 from tests.support.images import decoded_size, jpeg_quality_of
 from tests.support.server import ServeProcess
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +263,53 @@ def test_operations_endpoints(server: ServeProcess) -> None:
     assert server.get("/readyz").json() == {"status": "ok"}
     assert server.get("/openapi.json").json()["info"]["title"] == "pixelmill"
     assert server.get("/docs").status_code == 200
-    assert "python_info" in server.get("/metrics").text
+
+
+def metric_values(server: ServeProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of ``/metrics``, by name and sorted labels."""
+    page = server.get("/metrics")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(page.text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_the_pipeline_and_the_api(
+    server: ServeProcess, image_host: ImageHost, module_backend: Backend
+) -> None:
+    before = metric_values(server)
+    finished = ("pixelmill_images_finished_total", (("status", "completed"),))
+    failed = ("pixelmill_images_finished_total", (("status", "failed"),))
+    route = ("route", "/api/v1/requests/{request_id}")
+    status_calls = ("pixelmill_http_requests_total", (("method", "GET"), route, ("status", "200")))
+    missing = image_host.url(f"status/404?metrics={uuid.uuid4().hex}")
+    body = csv_bytes([["1", "A", f"{image_host.url('img/cat.jpg')}?m, {missing}"]])
+    request_id = upload(server, body)["request_id"]
+    server.wait_finished(request_id)
+    assert server.get("/no/such/path").status_code == 404
+
+    # The pipeline's figures are read at most every 5 s.
+    after = wait_until(
+        lambda: (values := metric_values(server))[finished] > before[finished] and values,
+        timeout=30,
+        what="the finished request in the metrics",
+    )
+    assert after[("pixelmill_database_up", ())] == 1
+    assert (after[finished] - before[finished], after[failed] - before[failed]) == (1, 1)
+    requests_completed = ("pixelmill_requests", (("status", "completed"),))
+    assert after[requests_completed] == before[requests_completed] + 1
+    assert after[("pixelmill_images_unfinished", (("status", "pending"),))] == 0
+    assert after[status_calls] > before.get(status_calls, 0), "wait_finished polled the status"
+    unmatched = (("method", "GET"), ("route", "<unmatched>"), ("status", "404"))
+    assert after[("pixelmill_http_requests_total", unmatched)] >= 1
+    assert not any(request_id in str(labels) for _, labels in after), "no raw paths as labels"
+    outbox = ("pixelmill_outbox_unpublished_tasks", ())
+    assert (outbox in after) == (module_backend.queue == "kafka")
+    task_states = {dict(labels)["state"] for name, labels in after if name == "pixelmill_tasks"}
+    assert task_states == {"queued", "leased", "dead"}
+    assert any(name == "python_info" for name, _ in after), "the process's metrics too"
 
 
 def test_samples_are_served_and_allowed_by_prefix_only(server: ServeProcess) -> None:

@@ -7,9 +7,9 @@ from contextlib import asynccontextmanager
 from importlib.resources import files
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry
 from sqlalchemy import text
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pixelmill import __version__, collector
 from pixelmill.api.deps import RuntimeDep
 from pixelmill.api.errors import ApiError, error_response, install_error_handlers
+from pixelmill.api.metrics import HttpMetrics, PipelineCollector, exposition
 from pixelmill.api.routes import router
 from pixelmill.api.stored import NO_SNIFFING, stored_object
 from pixelmill.config import Settings
@@ -66,12 +67,16 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = await Runtime.open(settings, migrate=migrate)
         app.state.runtime = runtime
+        pipeline = PipelineCollector(runtime.db, outbox=not settings.queue_url.startswith("db:"))
+        registry.register(pipeline)
+        app.state.pipeline_metrics = pipeline
         if run_worker:
             await runtime.start_workers(settings.worker_process_count)
         collector.started()
         try:
             yield
         finally:
+            registry.unregister(pipeline)
             await runtime.close()
 
     app = FastAPI(
@@ -82,6 +87,9 @@ def create_app(
     )
     # Multipart framing adds a little to the CSV itself.
     app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes + 64 * 1024)
+    registry = CollectorRegistry()  # this app's own metrics (a process may build several)
+    app.state.metrics_registry = registry
+    app.add_middleware(HttpMetrics, registry=registry)  # outermost: it sees every answer
     install_error_handlers(app)
     app.include_router(router)
     _add_operations(app)
@@ -107,9 +115,11 @@ def _add_operations(app: FastAPI) -> None:
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
-    async def metrics() -> Response:
-        """Prometheus metrics."""
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics: the pipeline's state, the API's traffic, the process."""
+        await request.app.state.pipeline_metrics.refresh()
+        page = exposition(REGISTRY, request.app.state.metrics_registry)
+        return Response(page, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/files/{key:path}", tags=["operations"], response_class=FileResponse)
     async def stored_file(key: str, runtime: RuntimeDep) -> Response:
