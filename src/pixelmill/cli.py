@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from pathlib import Path
@@ -165,6 +166,7 @@ def imaging(
     """The imaging service alone, for workers with PIXELMILL_IMAGING_URL=http://HOST:PORT."""
     import uvicorn
 
+    from pixelmill.imaging.metrics import MULTIPROCESS_DIR
     from pixelmill.imaging.service import KEEP_ALIVE_SECONDS, create_imaging_app
 
     settings = _settings()  # refused here, once, when invalid
@@ -181,8 +183,11 @@ def imaging(
     _exit_zero_on_sigterm()
     if processes == 1:
         uvicorn.run(create_imaging_app(settings), **options)
-    else:
-        # Each process builds its own app from the environment (uvicorn's workers).
+        return
+    # Each process builds its own app from the environment (uvicorn's workers), and
+    # counts its metrics into files of one folder, so that any of them answers for all.
+    with tempfile.TemporaryDirectory(prefix="pixelmill-imaging-metrics-") as counts:
+        os.environ[MULTIPROCESS_DIR] = counts
         uvicorn.run(
             "pixelmill.imaging.service:app_from_environment",
             factory=True,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pixelmill.config import Settings
 from pixelmill.domain import (
@@ -376,3 +377,52 @@ async def test_a_service_of_several_processes_serves_and_stops_cleanly(
 
 async def _started(service: ImagingProcess, count: int) -> bool:
     return service.log().count("Application startup complete") == count
+
+
+async def imaging_metrics(http: httpx.AsyncClient) -> dict[tuple[str, tuple[str, ...]], float]:
+    """The samples of a service's ``/metrics``, by name and label values."""
+    page = await http.get("/metrics")
+    assert page.status_code == 200
+    return {
+        (sample.name, tuple(sample.labels.values())): sample.value
+        for family in text_string_to_metric_families(page.text)
+        for sample in family.samples
+    }
+
+
+async def test_the_metrics_of_a_service_of_several_processes_count_them_all(
+    tmp_path: Path, image_host: ImageHost, make_client: MakeClient
+) -> None:
+    service = ImagingProcess(tmp_path, processes=2).start()
+    # No connection kept: each call may land on either process.
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    try:
+        await async_wait_until(lambda: _started(service, 2), what="both processes to start")
+        client = make_client(service.url)
+        outcomes = await asyncio.gather(
+            *(
+                client.process(url, ProcessingOptions(), f"counted/{i}")
+                for i, url in enumerate(photo_urls(image_host, 24))
+            ),
+            client.process(image_host.url("status/404?counted"), ProcessingOptions(), "gone/1"),
+        )
+        assert sum(isinstance(outcome, ImageFailure) for outcome in outcomes) == 1
+        async with httpx.AsyncClient(base_url=service.url, limits=fresh, timeout=10) as http:
+            # Each process counts what it served: seeing both proves both took images,
+            # so a page showing all of them adds up the counts of both processes.
+            served: set[int] = set()
+
+            async def both_seen() -> bool:
+                served.add((await http.get("/healthz")).json()["served"])
+                return len(served) == 2
+
+            await async_wait_until(both_seen, what="each process's own count")
+            assert sum(served) == 25 and 0 not in served, served
+            for _ in range(10):
+                values = await imaging_metrics(http)
+                assert values[("pixelmill_imaging_images_total", ("processed",))] == 24
+                assert values[("pixelmill_imaging_images_total", ("http_error",))] == 1
+                assert values[("pixelmill_imaging_image_duration_seconds_count", ())] == 24
+                assert values[("pixelmill_imaging_in_flight", ())] == 0
+    finally:
+        assert service.terminate(timeout=60) == 0, service.log()

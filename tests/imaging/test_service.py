@@ -257,8 +257,17 @@ async def test_a_full_service_answers_429_with_retry_after(
             assert refused.json()["error"]["code"] == "busy"
             done = await first
             assert done.status_code == 200 and done.json()["output_key"] == "busy/1.jpg"
+            metrics = (await http.get("/metrics")).text
         health = server.health()
         assert (health["in_flight"], health["served"], health["refused"]) == (0, 1, 1)
+        for line in (
+            'pixelmill_imaging_images_total{outcome="busy"} 1.0',
+            'pixelmill_imaging_images_total{outcome="processed"} 1.0',
+            "pixelmill_imaging_in_flight 0.0",
+            "pixelmill_imaging_image_duration_seconds_count 1.0",
+        ):
+            assert line in metrics.splitlines(), line
+        assert "process_cpu_seconds_total" in metrics, "the process's own metrics too"
     finally:
         server.stop()
 

@@ -17,7 +17,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
 from pixelmill import __version__, collector
@@ -30,6 +31,7 @@ from pixelmill.api.errors import (
 from pixelmill.config import Settings
 from pixelmill.domain import OutputFormat, ProcessingOptions
 from pixelmill.imaging.inline import InlineImaging
+from pixelmill.imaging.metrics import ImagingMetrics
 from pixelmill.imaging.wire import PROCESS_PATH, outcome_to_json
 from pixelmill.storage import open_storage
 
@@ -123,6 +125,7 @@ def create_imaging_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.in_flight = InFlight(settings.imaging_max_in_flight)
+    app.state.metrics = ImagingMetrics()
     install_error_handlers(app)
 
     @app.exception_handler(RequestValidationError)
@@ -147,19 +150,29 @@ def app_from_environment() -> FastAPI:
 
 def _add_routes(app: FastAPI) -> None:
     in_flight: InFlight = app.state.in_flight
+    metrics: ImagingMetrics = app.state.metrics
 
     @app.post(PROCESS_PATH, dependencies=[Depends(_authorize)])
     async def process(body: ProcessBody, request: Request) -> JSONResponse:
         """Process one image. An image failure is a 200 with ``{"error": {...}}``."""
         if not in_flight.try_enter():
+            metrics.refused()
             return _busy(in_flight.limit)
+        metrics.in_flight.inc()
         try:
             imaging: InlineImaging = request.app.state.imaging
             options = ProcessingOptions(**body.options.model_dump())
             outcome = await imaging.process(body.source_url, options, body.output_key)
         finally:
             in_flight.leave()
+            metrics.in_flight.dec()
+        metrics.finished(outcome)
         return JSONResponse(outcome_to_json(outcome))
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics_page() -> Response:
+        """Prometheus metrics of the service (of all its processes)."""
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, int | str]:
