@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -276,10 +278,21 @@ def metric_values(server: ServeProcess) -> dict[tuple[str, tuple[tuple[str, str]
     }
 
 
+def read_after(server: ServeProcess, moment: float) -> dict[Any, float]:
+    """The metrics once the pipeline's figures were read after ``moment`` (they are read
+    at most every 5 s)."""
+    read_at = ("pixelmill_database_read_timestamp_seconds", ())
+    return wait_until(
+        lambda: (values := metric_values(server)).get(read_at, 0) > moment and values,
+        timeout=30,
+        what="the pipeline's figures read again",
+    )
+
+
 def test_metrics_count_the_pipeline_and_the_api(
     server: ServeProcess, image_host: ImageHost, module_backend: Backend
 ) -> None:
-    before = metric_values(server)
+    before = read_after(server, time.time())  # nothing is in progress: a fresh reading
     finished = ("pixelmill_images_finished_total", (("status", "completed"),))
     failed = ("pixelmill_images_finished_total", (("status", "failed"),))
     route = ("route", "/api/v1/requests/{request_id}")
@@ -290,12 +303,7 @@ def test_metrics_count_the_pipeline_and_the_api(
     server.wait_finished(request_id)
     assert server.get("/no/such/path").status_code == 404
 
-    # The pipeline's figures are read at most every 5 s.
-    after = wait_until(
-        lambda: (values := metric_values(server))[finished] > before[finished] and values,
-        timeout=30,
-        what="the finished request in the metrics",
-    )
+    after = read_after(server, time.time())
     assert after[("pixelmill_database_up", ())] == 1
     assert (after[finished] - before[finished], after[failed] - before[failed]) == (1, 1)
     requests_completed = ("pixelmill_requests", (("status", "completed"),))

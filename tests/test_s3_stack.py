@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from pixelmill.storage import WRITE_CHECK_KEY
 from tests.reliability.checks import check_output_csv, slow_photo_rows, upload
 from tests.support.cluster import Cluster
 from tests.support.databases import PostgresServer
@@ -73,7 +74,8 @@ def test_a_request_on_the_distributed_stack_stores_everything_in_the_bucket(
     listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{PREFIX}/")["Contents"]
     stored = {item["Key"].removeprefix(f"{PREFIX}/") for item in listed}
     image_keys = {url.split("/files/", 1)[1] for row in outputs for url in row}
-    assert stored == image_keys | {f"{request_id}/output.csv"}
+    # Every process wrote the one object that tells it at start that it may write.
+    assert stored == image_keys | {f"{request_id}/output.csv", WRITE_CHECK_KEY}
     assert not (Path(s3_cluster.env["PIXELMILL_DATA_DIR"]) / "files").exists(), "nothing local"
 
     for url in sorted(url for row in outputs for url in row)[:4]:
@@ -91,7 +93,12 @@ def test_a_request_on_the_distributed_stack_stores_everything_in_the_bucket(
     assert list(csv.reader(io.StringIO(in_bucket["Body"].read().decode()))) == list(
         csv.reader(io.StringIO(csv_answer.text))
     )
-    assert s3_cluster.get(f"/files/{request_id}/no-such-image.jpg").status_code == 404
+    assert s3_cluster.get(f"/files/{request_id}/9-9.jpg").status_code == 404
+    # The bucket may hold other things under the prefix: they are not the API's to show.
+    client.put_object(Bucket=bucket, Key=f"{PREFIX}/notes/page.html", Body=b"<script>1</script>")
+    client.put_object(Bucket=bucket, Key=f"{PREFIX}/{request_id}/page.html", Body=b"<p>")
+    for other in ("notes/page.html", f"{request_id}/page.html", "pixelmill-write-check"):
+        assert s3_cluster.get(f"/files/{other}").status_code == 404, other
 
 
 @pytest.mark.parametrize("command", ["api", "imaging"])

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -33,7 +35,10 @@ async def read_all(storage: Storage, key: str) -> bytes | None:
     stream = await storage.open(key)
     if stream is None:
         return None
-    data = await asyncio.to_thread(lambda: b"".join(stream.chunks))
+    try:
+        data = await asyncio.to_thread(lambda: b"".join(stream.chunks))
+    finally:
+        stream.close()
     assert stream.size == len(data)
     return data
 
@@ -153,3 +158,50 @@ def test_a_storage_url_with_its_parameters() -> None:
     assert location == S3Location("my.bucket-1", "a/b", "https://minio:9000", "eu-west-3", "path")
     assert location.object_key("r/1-0.jpg") == "a/b/r/1-0.jpg"
     assert S3Location.from_url("s3://my-bucket").object_key("r/1-0.jpg") == "r/1-0.jpg"
+
+
+class _RefusingS3(BaseHTTPRequestHandler):
+    """An S3 endpoint that lets a bucket be looked at and refuses every write with
+    ``status`` (403: credentials for reading only; 503: a server in trouble)."""
+
+    status = 403
+
+    def do_HEAD(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_PUT(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        code = "AccessDenied" if self.status == 403 else "ServiceUnavailable"
+        body = f"<Error><Code>{code}</Code><Message>refused</Message></Error>".encode()
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(params=[403, 503])
+def refusing_endpoint(request: pytest.FixtureRequest, s3_server: S3Server) -> Iterator[str]:
+    handler = type("Handler", (_RefusingS3,), {"status": request.param})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+async def test_a_write_refused_fails_the_check_at_start_and_says_whether_to_wait(
+    refusing_endpoint: str,
+) -> None:
+    storage = open_storage(f"s3://pixelmill-refusing?endpoint_url={refusing_endpoint}", BASE_URL)
+    await storage.check(write=False)  # enough for an API that only reads
+    with pytest.raises(StorageError, match="cannot write s3://pixelmill-refusing/") as refused:
+        await storage.check()  # the bucket can be looked at, not written to
+    denied = "AccessDenied" in str(refused.value)
+    assert refused.value.transient is not denied, "a refusal is for good, a 503 may pass"

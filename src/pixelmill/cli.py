@@ -92,7 +92,9 @@ def _run_server(settings: Settings, host: str, port: int, **app_options: bool) -
     # The database migrated and the queue reached before the server starts, so that a
     # part that is away is said in one line rather than in uvicorn's traceback.
     try:
-        run_async(_open_and_close(settings, migrate=app_options.pop("migrate", False)))
+        migrate = app_options.pop("migrate", False)
+        stores = app_options.get("run_worker", False)
+        run_async(_open_and_close(settings, migrate=migrate, stores=stores))
     except StartupError as exc:
         _fail_in_one_line(str(exc))
     application = create_app(settings, **app_options)
@@ -113,10 +115,10 @@ def _check_storage(settings: Settings) -> None:
         _fail_in_one_line(str(exc))
 
 
-async def _open_and_close(settings: Settings, *, migrate: bool) -> None:
+async def _open_and_close(settings: Settings, *, migrate: bool, stores: bool) -> None:
     from pixelmill.runtime import Runtime
 
-    runtime = await Runtime.open(settings, migrate=migrate, announce=False)
+    runtime = await Runtime.open(settings, migrate=migrate, announce=False, stores=stores)
     await runtime.close()
 
 

@@ -49,6 +49,7 @@ class Runtime:
         throwaway: bool = False,
         storage: Storage | None = None,
         announce: bool = True,
+        stores: bool = True,
     ) -> Runtime:
         """Build the parts named by the settings; unknown URL schemes fail here, at start.
 
@@ -56,7 +57,8 @@ class Runtime:
         creates the schema of a new database that lives for one run, straight from the
         tables module (the same schema, as tests/db/test_migrations.py proves, without
         the start-up cost of Alembic). ``announce`` logs the backends it opened (not
-        for a check that opens them only to close them again).
+        for a check that opens them only to close them again). ``stores``: the process
+        writes to the storage (a worker does; the API alone only reads it).
         """
         if migrate:
             from pixelmill.db.migrate import upgrade_async  # Alembic: only where it runs
@@ -78,7 +80,7 @@ class Runtime:
             if throwaway:
                 async with db.write() as conn:
                     await conn.run_sync(tables.metadata.create_all)
-            await check_storage(storage, settings.storage_url)
+            await check_storage(storage, settings.storage_url, write=stores)
             try:
                 await queue.start()
             except Exception as exc:

@@ -7,27 +7,39 @@ the AWS SDK (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, a
 instance or task role).
 
 Every call goes through one thread-safe boto3 client: the imaging threads write with
-it directly, the event loop reaches it through :func:`asyncio.to_thread`.
+it directly, the event loop's calls go through a small thread pool of their own (a
+slow or unreachable endpoint must not hold the threads that the rest of the process
+shares, reading uploads for one).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlsplit
 
-from pixelmill.storage import ObjectStream, StorageError, StoredObject, check_key
+from pixelmill.storage import (
+    WRITE_CHECK_KEY,
+    ObjectStream,
+    StorageError,
+    StoredObject,
+    check_key,
+)
 
+T = TypeVar("T")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _ADDRESSING = ("auto", "path", "virtual")
 _PARAMETERS = ("endpoint_url", "region", "addressing_style")
 _CHUNK = 1 << 20
 # Enough for every imaging thread and the event loop's calls at once.
 _CONNECTIONS = 64
+_LOOP_THREADS = 16
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,7 @@ class S3Storage:
             retries={"mode": "standard", "max_attempts": 3},
             s3={"addressing_style": location.addressing_style},
         )
+        self._pool = ThreadPoolExecutor(_LOOP_THREADS, thread_name_prefix="pixelmill-s3")
         self._client: Any = boto3.session.Session().client(
             "s3",
             endpoint_url=location.endpoint_url,
@@ -121,26 +134,39 @@ class S3Storage:
     def local_path(self, key: str) -> Path | None:
         return None
 
+    async def _off_loop(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``call`` in this storage's own threads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(call, *args, **kwargs))
+
     def url_for(self, key: str) -> str:
         return f"{self.base_url}/{quote(check_key(key))}"
 
-    async def check(self) -> None:
-        """Raise :class:`StorageError` unless the bucket can be reached (at start)."""
+    async def check(self, *, write: bool = True) -> None:
+        """Raise :class:`StorageError` unless the bucket can be reached and, with
+        ``write``, written to (at start)."""
         bucket = self.location.bucket
         try:
-            await asyncio.to_thread(
-                self._call, "reach", "", self._client.head_bucket, Bucket=bucket
-            )
+            await self._off_loop(self._call, "reach", "", self._client.head_bucket, Bucket=bucket)
         except StorageError as exc:
             if _code(exc.__cause__) not in ("404", "NoSuchBucket"):
                 raise
             where = f" at {self.location.endpoint_url}" if self.location.endpoint_url else ""
-            raise StorageError(f"there is no bucket {bucket!r}{where}") from exc.__cause__
+            raise StorageError(
+                f"there is no bucket {bucket!r}{where}", transient=False
+            ) from exc.__cause__
+        if not write:
+            return
+        # Reading the bucket is not writing to it: credentials for reading only pass
+        # the first look and would fail every image.
+        await self._off_loop(
+            self.put_bytes_blocking, WRITE_CHECK_KEY, b"pixelmill may write here\n", "text/plain"
+        )
 
     async def find(self, stem: str, extensions: Iterable[str]) -> StoredObject | None:
         for extension in extensions:
             key = f"{stem}.{extension}"
-            head = await asyncio.to_thread(self._object, self._client.head_object, key)
+            head = await self._off_loop(self._object, self._client.head_object, key)
             if head is not None and head["Metadata"]:
                 stored = head["Metadata"].items()
                 metadata = {name.replace("-", "_"): value for name, value in stored}
@@ -165,7 +191,7 @@ class S3Storage:
 
     async def put_file(self, key: str, path: Path, content_type: str) -> None:
         # upload_file sends a large file in parts, never reading it into memory whole.
-        await asyncio.to_thread(
+        await self._off_loop(
             self._call,
             "write",
             key,
@@ -177,18 +203,11 @@ class S3Storage:
         )
 
     async def open(self, key: str) -> ObjectStream | None:
-        answer = await asyncio.to_thread(self._object, self._client.get_object, key)
+        answer = await self._off_loop(self._object, self._client.get_object, key)
         if answer is None:
             return None
         body = answer["Body"]
-
-        def chunks() -> Iterator[bytes]:
-            try:
-                yield from body.iter_chunks(_CHUNK)
-            finally:
-                body.close()
-
-        return ObjectStream(int(answer["ContentLength"]), answer.get("ContentType"), chunks())
+        return ObjectStream(int(answer["ContentLength"]), body.iter_chunks(_CHUNK), body.close)
 
     def _object(self, call: Any, key: str) -> Any:
         """``call`` (HEAD or GET) on the object under ``key``; None when there is none."""
@@ -211,10 +230,25 @@ class S3Storage:
         except ClientError as exc:
             raise StorageError(
                 f"cannot {doing} {self.location.describe(key)}: {_code(exc)} "
-                f"{exc.response.get('Error', {}).get('Message', '')}".rstrip()
+                f"{exc.response.get('Error', {}).get('Message', '')}".rstrip(),
+                transient=_transient(exc),
             ) from exc
         except (BotoCoreError, Boto3Error) as exc:
-            raise StorageError(f"cannot {doing} {self.location.describe(key)}: {exc}") from exc
+            # A connection refused or cut, a timeout: the endpoint may come back. (The
+            # transfer manager wraps the answer of a failed upload; look inside it.)
+            cause = exc.__context__ if isinstance(exc, Boto3Error) else None
+            transient = _transient(cause) if isinstance(cause, ClientError) else True
+            raise StorageError(
+                f"cannot {doing} {self.location.describe(key)}: {exc}", transient=transient
+            ) from exc
+
+
+def _transient(exc: Any) -> bool:
+    """Whether an answer of the server may change if asked again: a server error,
+    throttling or a timeout may; a refusal (access denied, no such bucket, a bad
+    signature or key) does not."""
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    return status >= 500 or status in (408, 429) or _code(exc) in ("SlowDown", "RequestTimeout")
 
 
 def _code(exc: BaseException | None) -> str:

@@ -41,10 +41,11 @@ def database_failure(what: str, url: str, exc: BaseException) -> str:
     return failure(what, "database", url, "PIXELMILL_DATABASE_URL", exc)
 
 
-async def check_storage(storage: Storage, url: str) -> None:
-    """Raise :class:`StartupError` unless ``storage`` can store objects."""
+async def check_storage(storage: Storage, url: str, *, write: bool = True) -> None:
+    """Raise :class:`StartupError` unless ``storage`` can be read (and, with ``write``,
+    written to)."""
     try:
-        await storage.check()
+        await storage.check(write=write)
     except StorageError as exc:
         raise StartupError(
             failure("cannot use", "storage", url, "PIXELMILL_STORAGE_URL", exc)

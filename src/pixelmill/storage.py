@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import json
 import os
 import re
 import shutil
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -25,11 +26,29 @@ _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")
 
 
 class StorageError(Exception):
-    """Storing or reading an object failed."""
+    """Storing or reading an object failed; ``transient`` unless the storage refuses
+    (no permission, a read-only folder, a bucket that does not exist), which no wait
+    mends."""
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class InvalidKeyError(StorageError):
     """A key that could name something outside the storage (``..``, an absolute path)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=False)
+
+
+# The object that every process writes at start, to learn that it may write at all.
+WRITE_CHECK_KEY = "pixelmill-write-check"
+# Local failures that persist until someone changes the folder or its permissions; a
+# full disk (ENOSPC) or an I/O error may pass.
+_REFUSALS = frozenset(
+    {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG}
+)
 
 
 @dataclass(frozen=True)
@@ -43,12 +62,12 @@ class StoredObject:
 
 @dataclass(frozen=True)
 class ObjectStream:
-    """A stored object being read: its size, its content type if it was stored with
-    one, and its bytes in chunks (a blocking iterator: read it off the event loop)."""
+    """A stored object being read: its size, its bytes in chunks (a blocking iterator:
+    read it off the event loop), and what releases it (a file, a connection)."""
 
     size: int
-    content_type: str | None
     chunks: Iterator[bytes]
+    close: Callable[[], None]
 
 
 class Storage(Protocol):
@@ -74,8 +93,9 @@ class Storage(Protocol):
         """The object stored under ``key`` for reading, or None if there is none."""
         ...
 
-    async def check(self) -> None:
-        """Raise :class:`StorageError` unless objects can be stored (checked at start)."""
+    async def check(self, *, write: bool = True) -> None:
+        """Raise :class:`StorageError` unless objects can be read and, with ``write``,
+        stored (checked at start)."""
         ...
 
     def url_for(self, key: str) -> str: ...
@@ -144,16 +164,15 @@ class LocalStorage:
             handle = path.open("rb")
         except OSError:  # absent, or a folder
             return None
+        chunks = iter(lambda: handle.read(1 << 20), b"")
+        return ObjectStream(os.fstat(handle.fileno()).st_size, chunks, handle.close)
 
-        def chunks() -> Iterator[bytes]:
-            with handle:
-                while chunk := handle.read(1 << 20):
-                    yield chunk
-
-        return ObjectStream(os.fstat(handle.fileno()).st_size, None, chunks())
-
-    async def check(self) -> None:
-        pass  # the folder was made when the storage was opened
+    async def check(self, *, write: bool = True) -> None:
+        if not write:
+            return  # the folder was made when the storage was opened
+        probe = self.local_path(WRITE_CHECK_KEY)
+        await asyncio.to_thread(self._write, probe, b"pixelmill may write here\n")
+        probe.unlink(missing_ok=True)
 
     @staticmethod
     def _write(target: Path, data: bytes | Path, metadata: Mapping[str, str] | None = None) -> None:
@@ -177,7 +196,10 @@ class LocalStorage:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise StorageError(f"cannot write {target}: {exc.strerror or exc}") from exc
+            raise StorageError(
+                f"cannot write {target}: {exc.strerror or exc}",
+                transient=exc.errno not in _REFUSALS,
+            ) from exc
 
     @staticmethod
     def _move_or_copy(source: Path, target: Path) -> None:

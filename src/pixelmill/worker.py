@@ -38,7 +38,7 @@ from pixelmill.imaging.base import Imaging, ImagingUnavailableError
 from pixelmill.logs import FailureStreak, brief
 from pixelmill.queue.base import Queue, TaskMessage
 from pixelmill.recorder import ResultRecorder
-from pixelmill.storage import Storage
+from pixelmill.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,13 @@ class RetryPolicy:
 
 
 def _storage_away(outcome: ImageOutcome) -> str | None:
-    """What to wait for when ``outcome`` is a storage that failed, else None."""
-    if isinstance(outcome, ImageFailure) and outcome.code is ErrorCode.STORAGE_ERROR:
+    """What to wait for when ``outcome`` is a storage that may come back, else None (a
+    storage that refuses, access denied say, fails the image: no wait would mend it)."""
+    if (
+        isinstance(outcome, ImageFailure)
+        and outcome.code is ErrorCode.STORAGE_ERROR
+        and outcome.is_transient
+    ):
         return f"the storage: {outcome.message}"
     return None
 
@@ -377,6 +382,23 @@ class Worker:
                 return work.ImageResult(image.id, image.attempts + attempt, outcome)
             await asyncio.sleep(self.retry.delay(attempt, outcome.retry_after))
 
+    async def _store_output(self, key: str, path: Path) -> None:
+        """Store the output CSV, waiting for a storage that is away as images do (the
+        task's lease is renewed meanwhile): a retried task would spend its attempts and
+        end dead, leaving a request whose images are all done unfinished."""
+        waits = 0
+        while True:
+            try:
+                await self.storage.put_file(key, path, "text/csv; charset=utf-8")
+                return
+            except StorageError as exc:
+                if not exc.transient:
+                    raise
+                waits += 1
+                if waits == 1:
+                    log.warning("the output CSV %s waits for the storage: %s", key, exc)
+            await asyncio.sleep(self.retry.delay(waits))
+
     async def finalize(self, request_id: str) -> None:
         """Write the output CSV to storage and close the request (idempotent)."""
         request = await work.load_request(self.db, request_id)
@@ -390,7 +412,7 @@ class Worker:
                 writer = OutputCsvWriter(out, list(request.header))
                 async for cells, urls in work.output_rows(self.db, request_id):
                     writer.write(cells, urls)
-            await self.storage.put_file(key, path, "text/csv; charset=utf-8")
+            await self._store_output(key, path)
         finally:
             path.unlink(missing_ok=True)
         if await work.close_request(self.db, request_id, key, self.storage.url_for(key)):

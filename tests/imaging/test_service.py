@@ -156,14 +156,14 @@ async def test_image_failures_pass_through_unchanged(
     assert not (service_root / "failed").exists()
 
 
-async def test_storage_failures_pass_through_as_transient(
+async def test_storage_failures_pass_through_with_their_kind(
     image_host: ImageHost, remote: HttpImaging, service_root: Path
 ) -> None:
     (service_root / "blocked").write_bytes(b"a file where a folder should be")
     outcome = await remote.process(image_host.url("img/cat.jpg"), ProcessingOptions(), "blocked/1")
 
     assert isinstance(outcome, ImageFailure)
-    assert outcome.code == ErrorCode.STORAGE_ERROR and outcome.is_transient
+    assert outcome.code == ErrorCode.STORAGE_ERROR and not outcome.is_transient
 
 
 def test_process_answers_the_documented_json(

@@ -6,8 +6,15 @@ import csv
 import io
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
+from pixelmill.db import tables as t
+from pixelmill.db.engine import Database
+from tests.support.cluster import Cluster
+from tests.support.databases import run_async
 from tests.support.image_host import ImageHost
 from tests.support.images import PHOTOS
 from tests.support.server import ApiClient
@@ -122,3 +129,21 @@ def stored_keys(outputs: list[list[str]]) -> list[str]:
 
 def fetches(host: ImageHost, url: str) -> int:
     return host.hits[url.split(f":{host.port}", 1)[1]]
+
+
+def task_states(cluster: Cluster, request_id: str) -> Counter[tuple[str, int]]:
+    """How many of the request's tasks are in each (state, attempts)."""
+    data_dir = Path(cluster.env["PIXELMILL_DATA_DIR"]).resolve()
+    url = cluster.env.get("PIXELMILL_DATABASE_URL") or f"sqlite:///{data_dir / 'pixelmill.db'}"
+
+    async def read() -> Counter[tuple[str, int]]:
+        database = Database(url)
+        try:
+            async with database.read() as conn:
+                query = select(t.tasks.c.state, t.tasks.c.attempts)
+                rows = await conn.execute(query.where(t.tasks.c.request_id == request_id))
+                return Counter((row.state, row.attempts) for row in rows)
+        finally:
+            await database.close()
+
+    return run_async(read)

@@ -11,14 +11,8 @@ task counted as a failed delivery for having moved: every task ends with one att
 
 from __future__ import annotations
 
-from collections import Counter
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
-from pixelmill.db import tables as t
-from pixelmill.db.engine import Database
 from tests.reliability.checks import (
     check_each_terminal_once,
     check_output_csv,
@@ -26,12 +20,12 @@ from tests.reliability.checks import (
     progress,
     slow_photo_rows,
     stored_keys,
+    task_states,
     upload,
     watch_request,
 )
 from tests.reliability.conftest import WORKER_CONCURRENCY, scaled
 from tests.support.cluster import Cluster
-from tests.support.databases import run_async
 from tests.support.image_host import ImageHost
 from tests.support.waiting import wait_until
 from tests.support.writes import WriteCounter
@@ -91,21 +85,3 @@ def test_workers_joining_and_leaving_mid_request_move_tasks_without_counting_the
         tasks=sum(tasks.values()),
         duplicate_writes=duplicates,
     )
-
-
-def task_states(cluster: Cluster, request_id: str) -> Counter[tuple[str, int]]:
-    """How many of the request's tasks are in each (state, attempts)."""
-    data_dir = Path(cluster.env["PIXELMILL_DATA_DIR"]).resolve()
-    url = cluster.env.get("PIXELMILL_DATABASE_URL") or f"sqlite:///{data_dir / 'pixelmill.db'}"
-
-    async def read() -> Counter[tuple[str, int]]:
-        database = Database(url)
-        try:
-            async with database.read() as conn:
-                query = select(t.tasks.c.state, t.tasks.c.attempts)
-                rows = await conn.execute(query.where(t.tasks.c.request_id == request_id))
-                return Counter((row.state, row.attempts) for row in rows)
-        finally:
-            await database.close()
-
-    return run_async(read)

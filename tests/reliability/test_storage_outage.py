@@ -11,6 +11,7 @@ service does.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +24,7 @@ from tests.reliability.checks import (
     progress,
     slow_photo_rows,
     stored_keys,
+    task_states,
     upload,
 )
 from tests.support.cluster import Cluster
@@ -94,3 +96,42 @@ def test_images_wait_for_the_storage_and_complete(
         completed_during=during["completed"],
         failed=0,
     )
+
+
+# Embedded only: there the worker stores a fresh image without looking for an earlier
+# attempt's object, so images whose sources are gone never touch the storage. (The
+# imaging service looks first, so on the distributed stack the images wait too.) The
+# output CSV is stored by the same code on both.
+@pytest.mark.parametrize("stack", ["embedded"], indirect=True)
+def test_the_output_csv_waits_for_the_storage_and_spends_no_attempt(
+    stack_env: dict[str, str],
+    cluster: Cluster,
+    s3_proxy: TcpProxy,
+    s3_server: S3Server,
+    bucket: str,
+    image_host: ImageHost,
+) -> None:
+    # Sources that are gone: the images fail without a write, and only the output CSV
+    # needs the storage, which is away from the start.
+    rows = [[image_host.url(f"status/404?csv-{n}")] for n in range(3)]
+    worker = cluster.add_worker()
+    # Started: it has checked the storage (a process that cannot reach it does not start).
+    wait_until(lambda: "pixelmill backends" in worker.log(), timeout=60, what="the worker")
+    s3_proxy.stop()
+    request_id = upload(cluster, rows)
+    wait_until(
+        lambda: f"the output CSV {request_id}/output.csv waits for the storage" in cluster.logs(),
+        timeout=60,
+        what="the output CSV waiting",
+    )
+    assert cluster.get(f"/api/v1/requests/{request_id}").json()["finished_at"] is None
+    s3_proxy.start()
+
+    status = cluster.wait_finished(request_id, timeout=120)
+    assert status["status"] == "failed" and status["progress"]["failed"] == 3, status
+    check_output_csv(cluster, request_id, rows)
+    key = f"out/{request_id}/output.csv"
+    assert s3_server.client().head_object(Bucket=bucket, Key=key)["ContentLength"] > 0
+    # Waiting is not failing: the finalize task was taken once (each request has one
+    # task per block of rows and one finalize task).
+    assert task_states(cluster, request_id) == Counter({("done", 1): 2}), "one attempt each"

@@ -65,7 +65,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = await Runtime.open(settings, migrate=migrate)
+        runtime = await Runtime.open(settings, migrate=migrate, stores=run_worker)
         app.state.runtime = runtime
         pipeline = PipelineCollector(runtime.db, outbox=not settings.queue_url.startswith("db:"))
         registry.register(pipeline)

@@ -25,6 +25,7 @@ from pixelmill.logs import FailureStreak
 log = logging.getLogger(__name__)
 
 REFRESH_SECONDS = 5.0
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # A scrape must not wait for a database that does not answer (Prometheus gives up at 10 s).
 READ_TIMEOUT_SECONDS = 3.0
 
@@ -36,6 +37,7 @@ class PipelineCollector(Collector):
         self.db = db
         self.outbox = outbox
         self.stats: PipelineStats | None = None
+        self.read_at_wall = 0.0  # when the figures were last read (time.time())
         self._read_at = -REFRESH_SECONDS
         self._lock = asyncio.Lock()
         self._reading = FailureStreak(
@@ -52,6 +54,7 @@ class PipelineCollector(Collector):
             try:
                 async with asyncio.timeout(READ_TIMEOUT_SECONDS):
                     self.stats = await pipeline_stats(self.db, outbox=self.outbox)
+                self.read_at_wall = time.time()
             except Exception as exc:
                 self._reading.failed(exc)
                 self.stats = None
@@ -68,6 +71,12 @@ class PipelineCollector(Collector):
         yield up
         if stats is None:
             return
+        read_at = GaugeMetricFamily(
+            "pixelmill_database_read_timestamp_seconds",
+            "When the figures below were read (they are at most a few seconds old)",
+        )
+        read_at.add_metric([], self.read_at_wall)
+        yield read_at
         yield _labelled(
             GaugeMetricFamily("pixelmill_requests", "Requests by status", labels=["status"]),
             stats.requests,
@@ -139,7 +148,7 @@ class HttpMetrics:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500  # unless an answer starts
+        status = 499  # the client left before any answer (nginx's name for it)
 
         async def sending(message: Message) -> None:
             nonlocal status
@@ -149,11 +158,15 @@ class HttpMetrics:
 
         try:
             await self.app(scope, receive, sending)
+        except Exception:
+            if status == 499:  # no answer yet: the server's error handler answers 500
+                status = 500
+            raise
         finally:
             route = scope.get("route")
             # Unknown paths share one label: a scanner must not make a series per path.
             template = getattr(route, "path", None) or "<unmatched>"
-            method = scope["method"]
+            method = scope["method"] if scope["method"] in _METHODS else "OTHER"
             self.requests.labels(method, template, str(status)).inc()
             self.seconds.labels(method, template).observe(time.perf_counter() - started)
 

@@ -181,9 +181,7 @@ async def output_csv(request_id: str, runtime: RuntimeDep, owner: OwnerDep) -> R
             "not_finished",
             f"request {request_id} is {row.status}; the output CSV exists once it is finished",
         )
-    return await stored_object(
-        runtime.storage, row.output_key, "text/csv; charset=utf-8", f"{request_id}.csv"
-    )
+    return await stored_object(runtime.storage, row.output_key, f"{request_id}.csv")
 
 
 @router.get("/api/v1/requests/{request_id}/events", tags=["requests"])

@@ -1,22 +1,42 @@
 """Answers that carry a stored object: a local file as is, any other object streamed
-from its storage (an S3 bucket need not be public for its files to be served)."""
+from its storage (an S3 bucket need not be public for its files to be served).
+
+Only what pixelmill itself stores is served (``<request id>/<row>-<position>.<ext>``
+and ``<request id>/output.csv``), with the type its name says: a bucket may hold other
+things under the same prefix, and they are not the API's to show.
+"""
 
 from __future__ import annotations
 
-import mimetypes
+import logging
+import re
 
+from starlette.background import BackgroundTask
+from starlette.concurrency import iterate_in_threadpool
 from starlette.responses import FileResponse, Response, StreamingResponse
 
 from pixelmill.api.errors import ApiError
-from pixelmill.storage import InvalidKeyError, Storage, StorageError
+from pixelmill.storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
 
 NO_SNIFFING = {"X-Content-Type-Options": "nosniff"}
+MEDIA_TYPES = {
+    "jpg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "avif": "image/avif",
+    "csv": "text/csv; charset=utf-8",
+}
+_SERVED_KEY = re.compile(r"[0-9a-f]{32}/(?:\d+-\d+\.(?:jpg|png|webp|avif)|output\.csv)")
 
 
-async def stored_object(
-    storage: Storage, key: str, media_type: str | None = None, filename: str | None = None
-) -> Response:
-    """The object under ``key``: 404 when there is none, 502 when the storage fails."""
+async def stored_object(storage: Storage, key: str, filename: str | None = None) -> Response:
+    """The object under ``key``: 404 when there is none or it is not one of pixelmill's
+    objects, 502 when the storage fails (the detail goes to the log, not the caller)."""
+    if not _SERVED_KEY.fullmatch(key):
+        raise ApiError(404, "not_found", f"no stored file {key!r}")
+    media_type = MEDIA_TYPES[key.rsplit(".", 1)[1]]
     try:
         path = storage.local_path(key)
         if path is not None:
@@ -24,16 +44,19 @@ async def stored_object(
                 raise ApiError(404, "not_found", f"no stored file {key!r}")
             return FileResponse(path, media_type=media_type, filename=filename, headers=NO_SNIFFING)
         stream = await storage.open(key)
-    except InvalidKeyError as exc:
-        raise ApiError(404, "not_found", f"no stored file {key!r}") from exc
     except StorageError as exc:
-        raise ApiError(502, "storage_error", str(exc)) from exc
+        log.warning("serving %s failed: %s", key, exc)
+        raise ApiError(502, "storage_error", f"the storage could not be read for {key!r}") from exc
     if stream is None:
         raise ApiError(404, "not_found", f"no stored file {key!r}")
     headers = {**NO_SNIFFING, "Content-Length": str(stream.size)}
     if filename:
         headers["Content-Disposition"] = f'attachment; filename="{filename}"'
-    guessed = mimetypes.guess_type(key)[0] or "application/octet-stream"
+    # The object is released once the answer ends, however it ends: the background
+    # task runs after a client that left mid-way too (closing twice does no harm).
     return StreamingResponse(
-        stream.chunks, media_type=media_type or stream.content_type or guessed, headers=headers
+        iterate_in_threadpool(stream.chunks),
+        media_type=media_type,
+        headers=headers,
+        background=BackgroundTask(stream.close),
     )

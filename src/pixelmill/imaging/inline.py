@@ -166,10 +166,12 @@ def _metadata(encoded: EncodedImage) -> dict[str, str]:
 
 
 def _storage_failure(exc: StorageError) -> ImageFailure:
-    """``storage_error`` (workers wait for the storage to come back), unless the key
-    itself is wrong: that is a bug of the caller, and waiting would not mend it."""
-    code = ErrorCode.INTERNAL_ERROR if isinstance(exc, InvalidKeyError) else ErrorCode.STORAGE_ERROR
-    return ImageFailure(code, str(exc))
+    """``storage_error``: transient when the storage may come back (workers wait for
+    it), permanent when it refuses. A wrong key is a bug of the caller: an internal
+    error, which no wait would mend either."""
+    if isinstance(exc, InvalidKeyError):
+        return ImageFailure(ErrorCode.INTERNAL_ERROR, str(exc), transient=False)
+    return ImageFailure(ErrorCode.STORAGE_ERROR, str(exc), transient=exc.transient)
 
 
 def _optional_int(text: str) -> int | None:
