@@ -82,6 +82,16 @@ async def test_a_file_is_stored_in_chunks_and_read_back(storage: Storage, tmp_pa
     assert await read_all(storage, "req/output.csv") == data
 
 
+async def test_a_folder_is_deleted_whole_and_nothing_beside_it(storage: Storage) -> None:
+    for key in ("req1/1-1.jpg", "req1/2-1.jpg", "req1/output.csv", "req10/1-1.jpg"):
+        await asyncio.to_thread(storage.put_bytes_blocking, key, b"x", "image/jpeg")
+
+    assert await storage.delete_folder("req1") == 3
+    assert await storage.open("req1/output.csv") is None
+    assert await read_all(storage, "req10/1-1.jpg") == b"x", "a longer name is another folder"
+    assert await storage.delete_folder("req1") == 0, "deleting again is no error"
+
+
 @pytest.mark.parametrize("key", ["../escape.jpg", "/etc/passwd", "a//b.jpg", "req/../../x"])
 async def test_keys_that_could_escape_are_refused(storage: Storage, key: str) -> None:
     with pytest.raises(InvalidKeyError):

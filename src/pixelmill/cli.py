@@ -40,6 +40,8 @@ db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 tasks_app = typer.Typer(help="Dead tasks: list them, put them back.", no_args_is_help=True)
 app.add_typer(tasks_app, name="tasks")
+requests_app = typer.Typer(help="Finished requests: forget the old ones.", no_args_is_help=True)
+app.add_typer(requests_app, name="requests")
 console = Console(stderr=True)
 
 
@@ -317,6 +319,54 @@ def tasks_requeue(
 
     count = asyncio.run(_with_database(lambda db: requeue_dead(db, task_ids or None)))
     console.print(f"requeued {count} task(s)")
+
+
+@requests_app.command("prune")
+def requests_prune(
+    older_than: Annotated[
+        float,
+        typer.Option("--older-than", min=0, help="Days since the request finished (0: all)."),
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print their ids; delete nothing.")
+    ] = False,
+) -> None:
+    """Delete the requests finished more than N days ago: their images and output CSV
+    in the storage, then their rows. Requests not finished are never touched."""
+    from datetime import UTC, datetime, timedelta
+
+    from pixelmill.db import retention
+    from pixelmill.storage import StorageError, open_storage
+
+    settings = _settings()
+    cutoff = datetime.now(UTC) - timedelta(days=older_than)
+
+    async def prune(db: Database) -> tuple[int, int]:
+        if dry_run:
+            for request_id in await retention.finished_before(db, cutoff, None):
+                print(request_id)
+            return 0, 0
+        storage = open_storage(settings.storage_url, settings.storage_base_url)
+        requests = objects = 0
+        while batch := await retention.finished_before(db, cutoff, 500):
+            before = requests
+            for request_id in batch:
+                # The objects first: a prune cut off here leaves rows, never orphans.
+                objects += await storage.delete_folder(request_id)
+                requests += await retention.forget_request(db, request_id)
+            if requests == before:  # another prune took them: nothing more to do here
+                break
+        return requests, objects
+
+    try:
+        requests, objects = asyncio.run(_with_database(prune))
+    except StorageError as exc:
+        _fail_in_one_line(f"cannot prune: {exc}")
+    if not dry_run:
+        console.print(
+            f"pruned {requests} request(s) finished before {cutoff:%Y-%m-%d %H:%M:%S} UTC "
+            f"and {objects} stored object(s)"
+        )
 
 
 async def _with_database(action: Callable[[Database], Awaitable[T]]) -> T:

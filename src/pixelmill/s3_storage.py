@@ -209,6 +209,35 @@ class S3Storage:
         body = answer["Body"]
         return ObjectStream(int(answer["ContentLength"]), body.iter_chunks(_CHUNK), body.close)
 
+    async def delete_folder(self, folder: str) -> int:
+        return await self._off_loop(self._delete_folder, folder)
+
+    def _delete_folder(self, folder: str) -> int:
+        return int(self._call("delete", folder, self._delete_pages, folder))
+
+    def _delete_pages(self, folder: str) -> int:
+        bucket = self.location.bucket
+        prefix = self.location.object_key(folder) + "/"
+        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        deleted = 0
+        for page in pages:  # at most 1000 keys a page, as many as one delete takes
+            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if not keys:
+                continue
+            answer = self._client.delete_objects(
+                Bucket=bucket, Delete={"Objects": keys, "Quiet": True}
+            )
+            if answer.get("Errors"):
+                first = answer["Errors"][0]
+                raise StorageError(
+                    f"cannot delete {len(answer['Errors'])} objects under "
+                    f"{self.location.describe(folder)}/, e.g. {first.get('Key')}: "
+                    f"{first.get('Code')} {first.get('Message', '')}".rstrip(),
+                    transient=False,
+                )
+            deleted += len(keys)
+        return deleted
+
     def _object(self, call: Any, key: str) -> Any:
         """``call`` (HEAD or GET) on the object under ``key``; None when there is none."""
         try:

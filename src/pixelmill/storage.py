@@ -98,6 +98,10 @@ class Storage(Protocol):
         stored (checked at start)."""
         ...
 
+    async def delete_folder(self, folder: str) -> int:
+        """Delete every object whose key starts with ``folder/``; returns how many."""
+        ...
+
     def url_for(self, key: str) -> str: ...
 
     def local_path(self, key: str) -> Path | None:
@@ -166,6 +170,20 @@ class LocalStorage:
             return None
         chunks = iter(lambda: handle.read(1 << 20), b"")
         return ObjectStream(os.fstat(handle.fileno()).st_size, chunks, handle.close)
+
+    async def delete_folder(self, folder: str) -> int:
+        return await asyncio.to_thread(self._delete_tree, self.local_path(folder))
+
+    @staticmethod
+    def _delete_tree(root: Path) -> int:
+        if not root.is_dir():
+            return 0
+        count = sum(1 for path in root.rglob("*") if path.is_file())
+        try:
+            shutil.rmtree(root)
+        except OSError as exc:
+            raise StorageError(f"cannot delete {root}: {exc.strerror or exc}") from exc
+        return count
 
     async def check(self, *, write: bool = True) -> None:
         if not write:
