@@ -19,7 +19,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from pixelmill.domain import ImageFailure, ImageOutcome
 
@@ -72,6 +72,12 @@ class ImagingMetrics:
         self.seconds.observe(outcome.duration_ms / 1000)
         self.bytes_in.inc(outcome.bytes_in)
         self.bytes_out.inc(outcome.bytes_out)
+
+    def close(self) -> None:
+        """At the process's exit: its images in progress no longer count (the counters
+        it leaves stay in the sums)."""
+        if self.multiprocess:
+            mark_process_dead(os.getpid())
 
     def refused(self) -> None:
         self.images.labels("busy").inc()

@@ -116,6 +116,7 @@ def create_imaging_app(settings: Settings) -> FastAPI:
             yield
         finally:
             await app.state.imaging.close()
+            app.state.metrics.close()
 
     app = FastAPI(
         title="pixelmill imaging",
