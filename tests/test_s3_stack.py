@@ -122,3 +122,28 @@ def test_a_server_with_a_missing_bucket_says_so_in_one_line_and_exits(
         f"{s3_server.endpoint}"
     ) in said, said
     assert "Traceback" not in said
+
+
+@pytest.mark.parametrize("command", ["api", "worker"])
+def test_s3_storage_without_boto3_says_what_to_install_in_one_line(
+    tmp_path: Path, command: str
+) -> None:
+    # An install without the s3 extra: boto3 cannot be imported.
+    without_boto3 = (
+        "import sys; sys.modules['boto3'] = None; from pixelmill.cli import app; "
+        "app(prog_name='pixelmill')"
+    )
+    env = {
+        **os.environ,
+        "PIXELMILL_DATA_DIR": str(tmp_path / "data"),
+        "PIXELMILL_STORAGE_URL": "s3://pixelmill-images/out",
+    }
+    args = [command, "--port", "1"] if command == "api" else [command]
+    done = subprocess.run(
+        [sys.executable, "-c", without_boto3, *args],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    said = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "s3:// storage needs boto3: pip install 'pixelmill[s3]'" in said, said
+    assert "Traceback" not in said, said

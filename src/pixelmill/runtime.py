@@ -74,9 +74,10 @@ class Runtime:
             sqlite_synchronous=settings.sqlite_synchronous,
             command_timeout=settings.database_command_timeout_seconds,
         )
-        storage = storage or open_storage(settings.storage_url, settings.storage_base_url)
         queue = open_queue(settings, db, owner=worker_name())
         try:
+            if storage is None:
+                storage = _open_storage(settings)
             if throwaway:
                 async with db.write() as conn:
                     await conn.run_sync(tables.metadata.create_all)
@@ -173,3 +174,12 @@ class Runtime:
             await self.imaging.close()
         await self.queue.close()
         await self.db.close()
+
+
+def _open_storage(settings: Settings) -> Storage:
+    """The storage of the settings; one it cannot open (boto3 missing for ``s3://``)
+    is a start-up failure, said in one line."""
+    try:
+        return open_storage(settings.storage_url, settings.storage_base_url)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from exc

@@ -16,7 +16,8 @@ from pixelmill.domain import (
     ProcessedImage,
     ProcessingOptions,
 )
-from pixelmill.imaging.inline import InlineImaging, content_type
+from pixelmill.imaging.formats import content_type
+from pixelmill.imaging.inline import InlineImaging
 from pixelmill.imaging.ops import sniff_format
 from pixelmill.imaging.quality import estimate_jpeg_quality
 from pixelmill.storage import LocalStorage

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from pixelmill.config import Settings
 from pixelmill.domain import ProcessedImage, ProcessingOptions
-from pixelmill.imaging.inline import OUTPUT_EXTENSIONS, InlineImaging
+from pixelmill.imaging.formats import OUTPUT_EXTENSIONS
+from pixelmill.imaging.inline import InlineImaging
 from pixelmill.storage import LocalStorage
 from tests.reliability.checks import fetches
 from tests.support.image_host import ImageHost

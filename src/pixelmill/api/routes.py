@@ -30,9 +30,6 @@ from pixelmill.webhooks.payload import finished_event
 
 router = APIRouter()
 
-# Stored bytes came from the internet: a browser must take them for the type they are
-# served as (an image, a CSV), never sniff them into a page.
-
 # The largest page offset taken: far past any real total, and an integer that every
 # JSON reader and both databases hold exactly.
 MAX_OFFSET = 2**53 - 1

@@ -16,19 +16,18 @@ from starlette.concurrency import iterate_in_threadpool
 from starlette.responses import FileResponse, Response, StreamingResponse
 
 from pixelmill.api.errors import ApiError
+from pixelmill.imaging.formats import OUTPUT_EXTENSIONS, content_type, format_of
 from pixelmill.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
+# Stored bytes came from the internet: a browser must take them for the type they are
+# served as (an image, a CSV), never sniff them into a page.
 NO_SNIFFING = {"X-Content-Type-Options": "nosniff"}
-MEDIA_TYPES = {
-    "jpg": "image/jpeg",
-    "png": "image/png",
-    "webp": "image/webp",
-    "avif": "image/avif",
-    "csv": "text/csv; charset=utf-8",
-}
-_SERVED_KEY = re.compile(r"[0-9a-f]{32}/(?:\d+-\d+\.(?:jpg|png|webp|avif)|output\.csv)")
+CSV_TYPE = "text/csv; charset=utf-8"
+_SERVED_KEY = re.compile(
+    rf"[0-9a-f]{{32}}/(?:\d+-\d+\.(?:{'|'.join(OUTPUT_EXTENSIONS)})|output\.csv)"
+)
 
 
 async def stored_object(storage: Storage, key: str, filename: str | None = None) -> Response:
@@ -36,7 +35,8 @@ async def stored_object(storage: Storage, key: str, filename: str | None = None)
     objects, 502 when the storage fails (the detail goes to the log, not the caller)."""
     if not _SERVED_KEY.fullmatch(key):
         raise ApiError(404, "not_found", f"no stored file {key!r}")
-    media_type = MEDIA_TYPES[key.rsplit(".", 1)[1]]
+    extension = key.rsplit(".", 1)[1]
+    media_type = CSV_TYPE if extension == "csv" else content_type(format_of(extension))
     try:
         path = storage.local_path(key)
         if path is not None:

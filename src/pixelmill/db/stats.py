@@ -1,9 +1,10 @@
 """The state of the whole pipeline in a few aggregate queries, for ``/metrics``.
 
 Read from the database, so that every API replica reports the same figures for every
-worker on every host. Each query stays cheap however much history there is: requests
-are few (one per uploaded CSV), open tasks are read through the partial index of open
-tasks, dead ones through the claim index, and webhook deliveries are one per request.
+worker on every host. Open tasks are read through the partial index of open tasks and
+dead ones through the claim index; the requests and the webhook deliveries (one per
+request at most) are read whole, which stays cheap while old requests are pruned
+(``pixelmill requests prune``).
 """
 
 from __future__ import annotations

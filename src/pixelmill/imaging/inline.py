@@ -19,26 +19,11 @@ from pixelmill.domain import (
 )
 from pixelmill.imaging.addresses import AddressPolicy
 from pixelmill.imaging.fetch import FetchedBody, Fetcher, FetchLimits
+from pixelmill.imaging.formats import OUTPUT_EXTENSIONS, content_type
 from pixelmill.imaging.ops import EncodedImage, ImageLimits, process_image
 from pixelmill.storage import InvalidKeyError, Storage, StorageError, StoredObject
 
 log = logging.getLogger(__name__)
-
-_CONTENT_TYPES = {
-    "jpeg": "image/jpeg",
-    "png": "image/png",
-    "webp": "image/webp",
-    "avif": "image/avif",
-}
-
-
-# Every extension an output can have (kept sources are JPEG, PNG or WebP too).
-OUTPUT_EXTENSIONS = ("jpg", "png", "webp", "avif")
-
-
-def content_type(image_format: str) -> str:
-    """The MIME type of an output format."""
-    return _CONTENT_TYPES.get(image_format, "application/octet-stream")
 
 
 class InlineImaging:
